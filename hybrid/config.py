@@ -1,0 +1,151 @@
+"""``HybridConfig``: the whole description of a hybrid model, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import layers  # noqa: F401  (registers the built-in blocks)
+from hybrid.pattern import Pattern, parse_pattern, pattern_string
+from layers.base import build_options, merge_options, require, require_positive_int
+from layers.registry import get_block
+
+BUILTIN_FAMILIES = ("attention", "mamba2", "mamba1", "mlp", "moe")
+
+
+@dataclass
+class HybridConfig:
+    """A hybrid language model: embedding, pre-norm residual sublayers, final norm, LM head.
+
+    Attributes:
+        pattern: the layout, in any form :func:`hybrid.pattern.parse_pattern` accepts.
+        vocab_size: token vocabulary size.
+        d_model: residual stream width.
+        attention / mamba2 / mamba1 / mlp / moe: options of each block family (a mapping or
+            the family's options dataclass), used by every sublayer of that family.
+        blocks: options of user-registered block families, by registry name.
+        layer_overrides: per-sublayer options by index, e.g. ``{3: {"window": 256}}``
+            (the list form of ``pattern`` can carry them too).
+        norm_eps: epsilon of the pre-norms and the final norm.
+        tie_embeddings: share the embedding matrix with the LM head.
+        init_std: std of the normal init of projections and embeddings; projections that write
+            into the residual stream get ``init_std / sqrt(n_sublayers)``.
+        modules: modules imported before the pattern is resolved, so that blocks they register
+            can be named (e.g. ``["my_lab.blocks"]``).
+
+    After construction, ``layers`` is the list of registry names (one per sublayer) and
+    ``layer_options`` the fully resolved options of each sublayer.
+
+    Raises:
+        ValueError: one line naming the field and what is allowed.
+    """
+
+    pattern: Pattern
+    vocab_size: int = 32000
+    d_model: int = 512
+    attention: Any = field(default_factory=dict)
+    mamba2: Any = field(default_factory=dict)
+    mamba1: Any = field(default_factory=dict)
+    mlp: Any = field(default_factory=dict)
+    moe: Any = field(default_factory=dict)
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layer_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for module in self.modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ValueError(f"modules: cannot import {module!r}: {error}") from None
+        require_positive_int(self.vocab_size, "vocab_size")
+        require_positive_int(self.d_model, "d_model")
+        require(self.norm_eps > 0, "norm_eps", f"must be > 0; got {self.norm_eps}")
+        require(self.init_std > 0, "init_std", f"must be > 0; got {self.init_std}")
+
+        for family in BUILTIN_FAMILIES:
+            spec = get_block(family)
+            setattr(self, family, build_options(spec.options_class, getattr(self, family), family))
+        require(isinstance(self.blocks, dict), "blocks", "must map block names to options")
+        family_options = {family: getattr(self, family) for family in BUILTIN_FAMILIES}
+        for name, values in self.blocks.items():
+            spec = get_block(name, where="blocks")
+            if name in BUILTIN_FAMILIES:
+                raise ValueError(f"blocks.{name}: set built-in options with {name}=..., not blocks")
+            family_options[name] = build_options(spec.options_class, values, f"blocks.{name}")
+
+        parsed = parse_pattern(self.pattern)
+        require(
+            isinstance(self.layer_overrides, dict), "layer_overrides", "must map index to options"
+        )
+        for index in self.layer_overrides:
+            require(
+                isinstance(index, int) and 0 <= index < len(parsed),
+                "layer_overrides",
+                f"index {index!r} is not a sublayer index in [0, {len(parsed)})",
+            )
+
+        self.layers: list[str] = []
+        self.layer_options: list[Any] = []
+        for index, (name, overrides) in enumerate(parsed):
+            spec = get_block(name)
+            overrides = {**overrides, **self.layer_overrides.get(index, {})}
+            base = family_options.get(name) or spec.options_class()
+            family_where = name if name in BUILTIN_FAMILIES else f"blocks.{name}"
+            where = f"layers[{index}].{name}" if overrides else family_where
+            options = merge_options(base, overrides, where) if overrides else base
+            self.layers.append(name)
+            self.layer_options.append(options.resolve(self.d_model, where))
+
+    @property
+    def pattern_string(self) -> str:
+        """The layout as a symbol string (per-layer overrides are not shown)."""
+        return pattern_string(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON / YAML friendly) that :meth:`from_dict` turns back into this config."""
+        data = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return json.loads(json.dumps(data, default=list))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
+        """Build a config from plain data, failing on unknown keys with a suggestion."""
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"model: expected a mapping of config fields, got {type(data).__name__}"
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{key}: unknown config field; {hint}valid: {', '.join(names)}")
+        if "pattern" not in data:
+            raise ValueError("pattern: required")
+        data = dict(data)
+        if "layer_overrides" in data:
+            data["layer_overrides"] = {int(k): v for k, v in data["layer_overrides"].items()}
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that shapes the weights and the inference state."""
+        resolved = {
+            "layers": self.layers,
+            "options": [dataclasses.asdict(o) for o in self.layer_options],
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "tie_embeddings": self.tie_embeddings,
+        }
+        text = json.dumps(resolved, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,11 @@
+"""Blocks a hybrid model is built from, registered by name and pattern symbol.
+
+Importing this package registers the built-ins: ``mamba2`` (M), ``mamba1`` (S),
+``attention`` (*), ``mlp`` (-), ``moe`` (E).
+"""
+
+from layers import attention, mamba1, mamba2, mlp, moe  # noqa: F401  (registers the blocks)
+from layers.base import Block, BlockOutput
+from layers.registry import BlockSpec, get_block, register_block, registered_blocks
+
+__all__ = ["Block", "BlockOutput", "BlockSpec", "get_block", "register_block", "registered_blocks"]

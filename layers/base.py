@@ -1,0 +1,114 @@
+"""The protocol every registered block follows, and helpers for block options.
+
+A block maps ``(batch, seqlen, d_model) -> (batch, seqlen, d_model)``. The model wraps it in a
+pre-norm residual sublayer, so a block never normalises its own input. A block that has extra
+training signals (MoE auxiliary losses, routing statistics) returns a :class:`BlockOutput`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BlockOutput:
+    """A block's output when it carries more than hidden states.
+
+    Attributes:
+        hidden: (batch, seqlen, d_model).
+        aux_loss: scalar already weighted by the block's own loss weights, added to the
+            training loss.
+        stats: named tensors for logging (e.g. ``tokens_per_expert``, ``load_balance_loss``).
+    """
+
+    hidden: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """Base class of registered blocks.
+
+    Subclasses take ``(d_model, options, layer_idx)`` in ``__init__`` and implement
+    ``forward(hidden) -> Tensor | BlockOutput``. They may override:
+
+    - :meth:`inference_state_bytes` — bytes of inference state one sequence needs at a given
+      context length (KV for attention, conv + SSM state for SSM blocks, 0 for feed-forwards);
+    - :meth:`active_parameters` — parameters used per token (MoE: only top-k experts).
+    """
+
+    block_name: ClassVar[str] = ""
+
+    def __init__(self, d_model: int, options: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.options = options
+        self.layer_idx = layer_idx
+
+    @classmethod
+    def inference_state_bytes(
+        cls, d_model: int, options: Any, context: int, dtype: torch.dtype
+    ) -> int:
+        """Bytes of inference cache for one sequence of ``context`` tokens."""
+        return 0
+
+    def active_parameters(self) -> int:
+        """Parameters that take part in processing one token."""
+        return sum(p.numel() for p in self.parameters())
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """Linear layers that write into the residual stream (scaled down at init)."""
+        return []
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    """Size in bytes of one element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def build_options(options_class: type, values: dict[str, Any] | Any, where: str) -> Any:
+    """Make an options dataclass from a mapping, naming ``where`` in errors.
+
+    ``values`` may already be an instance of ``options_class``. Unknown keys fail with the
+    closest valid key suggested.
+    """
+    if isinstance(values, options_class):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of options, got {type(values).__name__}")
+    names = [f.name for f in dataclasses.fields(options_class)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{where}.{key}: unknown option; {hint}valid: {', '.join(names)}")
+    return options_class(**values)
+
+
+def merge_options(options: Any, overrides: dict[str, Any], where: str) -> Any:
+    """A copy of ``options`` with ``overrides`` applied (unknown keys fail like build_options)."""
+    build_options(type(options), overrides, where)  # key check only
+    return dataclasses.replace(options, **overrides)
+
+
+def require(condition: bool, where: str, message: str) -> None:
+    """Raise a one-line ``ValueError("{where}: {message}")`` unless ``condition`` holds."""
+    if not condition:
+        raise ValueError(f"{where}: {message}")
+
+
+def require_positive_int(value: Any, where: str) -> None:
+    """Fail unless ``value`` is an int > 0 (bools rejected)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    require(ok, where, f"must be a positive integer, got {value!r}")
+
+
+def require_choice(value: Any, choices: tuple[str, ...], where: str) -> None:
+    """Fail unless ``value`` is one of ``choices``, listing them."""
+    require(value in choices, where, f"must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,138 @@
+"""Mamba-1 block: selective scan with per-channel diagonal A, optional Jamba inner norms."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from layers.base import Block, dtype_bytes, require, require_positive_int
+from layers.norm import RMSNorm, upcast
+from layers.ops import causal_conv1d, selective_scan
+from layers.registry import register_block
+from layers.ssm_init import init_dt_bias, mark_no_weight_decay
+
+
+@dataclass
+class Mamba1Options:
+    """Options of the ``mamba1`` block (defaults are mamba_ssm's).
+
+    Attributes:
+        d_state: state size per channel.
+        expand: inner width = expand * d_model.
+        dt_rank: rank of the time-step projection; None gives ceil(d_model / 16).
+        d_conv: causal conv width.
+        conv_bias / bias: biases of the conv and of the in/out projections.
+        inner_norms: RMSNorm on dt, B and C before the scan (Jamba).
+        dt_min / dt_max / dt_init_floor / dt_scale: time-step initialisation.
+        norm_eps: epsilon of the inner norms.
+    """
+
+    d_state: int = 16
+    expand: int = 2
+    dt_rank: int | None = None
+    d_conv: int = 4
+    conv_bias: bool = True
+    bias: bool = False
+    inner_norms: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_scale: float = 1.0
+    norm_eps: float = 1e-6
+
+    def resolve(self, d_model: int, where: str) -> Mamba1Options:
+        for name in ("d_state", "expand", "d_conv"):
+            require_positive_int(getattr(self, name), f"{where}.{name}")
+        dt_rank = self.dt_rank if self.dt_rank is not None else math.ceil(d_model / 16)
+        require_positive_int(dt_rank, f"{where}.dt_rank")
+        require(
+            0 < self.dt_min <= self.dt_max,
+            f"{where}.dt_min",
+            f"need 0 < dt_min <= dt_max; got {self.dt_min}, {self.dt_max}",
+        )
+        return Mamba1Options(**{**self.__dict__, "dt_rank": dt_rank})
+
+
+@register_block("mamba1", symbol="S", options=Mamba1Options)
+class Mamba1(Block):
+    """Mamba-1 (S6) sublayer. Shapes: (batch, seqlen, d_model) -> same.
+
+    The scan runs mamba_ssm's ``selective_scan_fn`` on CUDA when it imports, and our chunked
+    plain-PyTorch scan otherwise.
+    """
+
+    def __init__(self, d_model: int, options: Mamba1Options, layer_idx: int) -> None:
+        super().__init__(d_model, options, layer_idx)
+        self.d_inner = options.expand * d_model
+        d_state, dt_rank = options.d_state, options.dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=options.bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            options.d_conv,
+            groups=self.d_inner,
+            padding=options.d_conv - 1,
+            bias=options.conv_bias,
+        )
+        self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True)
+        dt_std = dt_rank**-0.5 * options.dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(
+                init_dt_bias(self.d_inner, options.dt_min, options.dt_max, options.dt_init_floor)
+            )
+        self.dt_proj.weight._no_reinit = True  # keep the scaled init above
+        A = repeat(torch.arange(1, d_state + 1, dtype=torch.float32), "n -> d n", d=self.d_inner)
+        self.A_log = nn.Parameter(A.log())
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        mark_no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
+        if options.inner_norms:
+            self.dt_norm = RMSNorm(dt_rank, options.norm_eps)
+            self.b_norm = RMSNorm(d_state, options.norm_eps)
+            self.c_norm = RMSNorm(d_state, options.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=options.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        opts = self.options
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x = causal_conv1d(
+            x.transpose(1, 2),
+            rearrange(self.conv1d.weight, "d 1 w -> d w"),
+            self.conv1d.bias,
+            activation="silu",
+        )  # (b, d_inner, l)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [opts.dt_rank, opts.d_state, opts.d_state], dim=-1
+        )
+        if opts.inner_norms:
+            dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); bias goes in the scan
+        y = selective_scan(
+            x,
+            dt.transpose(1, 2),
+            -torch.exp(upcast(self.A_log)),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=self.D,
+            z=z.transpose(1, 2),
+            delta_bias=self.dt_proj.bias,
+            delta_softplus=True,
+        )
+        return self.out_proj(y.transpose(1, 2))
+
+    @classmethod
+    def inference_state_bytes(
+        cls, d_model: int, options: Mamba1Options, context: int, dtype: torch.dtype
+    ) -> int:
+        d_inner = options.expand * d_model
+        conv = d_inner * (options.d_conv - 1) * dtype_bytes(dtype)
+        return conv + d_inner * options.d_state * 4  # SSM state is float32
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.out_proj]

@@ -1,0 +1,152 @@
+"""Mamba-2 (SSD) block: in-projection, causal conv, state-space duality scan, gated RMSNorm."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from layers.base import Block, dtype_bytes, require, require_positive_int
+from layers.norm import GatedRMSNorm, upcast
+from layers.ops import causal_conv1d, ssd_scan
+from layers.registry import register_block
+from layers.ssm_init import init_dt_bias, mark_no_weight_decay
+
+
+@dataclass
+class Mamba2Options:
+    """Options of the ``mamba2`` block (defaults are mamba_ssm's).
+
+    Attributes:
+        d_state: state size N per head.
+        headdim: channels per head P.
+        expand: inner width = expand * d_model (unless ``n_heads`` is given).
+        n_heads: heads; when set, inner width = n_heads * headdim (Nemotron-H's convention).
+        ngroups: groups sharing B and C (nheads must be a multiple).
+        d_conv: causal conv width.
+        chunk_size: SSD chunk length.
+        conv_bias / bias: biases of the conv and of the in/out projections.
+        dt_min / dt_max / dt_init_floor: time-step initialisation range.
+        dt_limit: clamp on the time step after softplus.
+        a_init_range: A initialised uniformly in this range (A = -exp(A_log)).
+        norm_eps: epsilon of the gated RMSNorm.
+    """
+
+    d_state: int = 128
+    headdim: int = 64
+    expand: int = 2
+    n_heads: int | None = None
+    ngroups: int = 1
+    d_conv: int = 4
+    chunk_size: int = 256
+    conv_bias: bool = True
+    bias: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    a_init_range: tuple[float, float] = (1.0, 16.0)
+    norm_eps: float = 1e-5
+
+    def d_inner(self, d_model: int) -> int:
+        return self.n_heads * self.headdim if self.n_heads else self.expand * d_model
+
+    def resolve(self, d_model: int, where: str) -> Mamba2Options:
+        for name in ("d_state", "headdim", "expand", "ngroups", "d_conv", "chunk_size"):
+            require_positive_int(getattr(self, name), f"{where}.{name}")
+        if self.n_heads is not None:
+            require_positive_int(self.n_heads, f"{where}.n_heads")
+        d_inner = self.d_inner(d_model)
+        require(
+            d_inner % self.headdim == 0,
+            f"{where}.headdim",
+            f"must divide the inner width expand*d_model={d_inner}; got {self.headdim}",
+        )
+        nheads = d_inner // self.headdim
+        require(
+            nheads % self.ngroups == 0,
+            f"{where}.ngroups",
+            f"must divide the number of heads {nheads}; got {self.ngroups}",
+        )
+        require(
+            0 < self.dt_min <= self.dt_max,
+            f"{where}.dt_min",
+            f"need 0 < dt_min <= dt_max; got {self.dt_min}, {self.dt_max}",
+        )
+        return Mamba2Options(**{**self.__dict__, "dt_limit": tuple(self.dt_limit),
+                                "a_init_range": tuple(self.a_init_range)})  # fmt: skip
+
+
+@register_block("mamba2", symbol="M", options=Mamba2Options)
+class Mamba2(Block):
+    """Mamba-2 sublayer. Shapes: (batch, seqlen, d_model) -> same.
+
+    The scan runs mamba_ssm's ``mamba_chunk_scan_combined`` and the conv ``causal_conv1d_fn``
+    on CUDA when they import, and our chunked SSD in plain PyTorch otherwise.
+    """
+
+    def __init__(self, d_model: int, options: Mamba2Options, layer_idx: int) -> None:
+        super().__init__(d_model, options, layer_idx)
+        self.d_inner = options.d_inner(d_model)
+        self.nheads = self.d_inner // options.headdim
+        self.conv_dim = self.d_inner + 2 * options.ngroups * options.d_state
+        d_in_proj = self.d_inner + self.conv_dim + self.nheads  # [z, x, B, C, dt]
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=options.bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            options.d_conv,
+            groups=self.conv_dim,
+            padding=options.d_conv - 1,
+            bias=options.conv_bias,
+        )
+        self.dt_bias = nn.Parameter(
+            init_dt_bias(self.nheads, options.dt_min, options.dt_max, options.dt_init_floor)
+        )
+        a_low, a_high = options.a_init_range
+        self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(a_low, a_high).log())
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        mark_no_weight_decay(self.dt_bias, self.A_log, self.D)
+        self.norm = GatedRMSNorm(self.d_inner, options.ngroups, options.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=options.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        opts = self.options
+        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], -1)
+        xbc = causal_conv1d(
+            xbc.transpose(1, 2),
+            rearrange(self.conv1d.weight, "d 1 w -> d w"),
+            self.conv1d.bias,
+            activation="silu",
+        ).transpose(1, 2)
+        group_width = opts.ngroups * opts.d_state
+        x, B, C = xbc.split([self.d_inner, group_width, group_width], -1)
+        y = ssd_scan(
+            rearrange(x, "b l (h p) -> b l h p", p=opts.headdim),
+            dt,
+            -torch.exp(upcast(self.A_log)),
+            rearrange(B, "b l (g n) -> b l g n", g=opts.ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=opts.ngroups),
+            chunk_size=opts.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=opts.dt_limit,
+        )
+        y = self.norm(rearrange(y, "b l h p -> b l (h p)"), z)
+        return self.out_proj(y)
+
+    @classmethod
+    def inference_state_bytes(
+        cls, d_model: int, options: Mamba2Options, context: int, dtype: torch.dtype
+    ) -> int:
+        d_inner = options.d_inner(d_model)
+        conv_dim = d_inner + 2 * options.ngroups * options.d_state
+        conv = conv_dim * (options.d_conv - 1) * dtype_bytes(dtype)
+        return conv + d_inner * options.d_state * 4  # SSM state is float32
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.out_proj]

@@ -1,0 +1,86 @@
+"""Dense feed-forward block: SwiGLU by default, GeGLU, GELU or squared ReLU as options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers.base import Block, require_choice, require_positive_int
+from layers.registry import register_block
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "swiglu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "silu": F.silu,
+}
+GATED = frozenset({"swiglu", "geglu"})
+
+
+def default_hidden_size(d_model: int, activation: str) -> int:
+    """Llama's 8/3 * d_model for gated activations, 4 * d_model otherwise, rounded up to 64."""
+    hidden = 8 * d_model // 3 if activation in GATED else 4 * d_model
+    return -(-hidden // 64) * 64
+
+
+@dataclass
+class MLPOptions:
+    """Options of the ``mlp`` block.
+
+    Attributes:
+        hidden_size: inner width; None gives :func:`default_hidden_size`.
+        activation: swiglu | geglu (gated), gelu | relu2 | silu (not gated; relu2 is
+            Nemotron-H's squared ReLU).
+        bias: biases on the projections.
+    """
+
+    hidden_size: int | None = None
+    activation: str = "swiglu"
+    bias: bool = False
+
+    def resolve(self, d_model: int, where: str) -> MLPOptions:
+        require_choice(self.activation, tuple(ACTIVATIONS), f"{where}.activation")
+        hidden = self.hidden_size or default_hidden_size(d_model, self.activation)
+        require_positive_int(hidden, f"{where}.hidden_size")
+        return MLPOptions(hidden, self.activation, self.bias)
+
+
+class FeedForward(nn.Module):
+    """``down(act(gate(x)) * up(x))`` when gated, else ``down(act(up(x)))``.
+
+    Shapes: (..., d_model) -> (..., d_model).
+    """
+
+    def __init__(self, d_model: int, hidden_size: int, activation: str, bias: bool) -> None:
+        super().__init__()
+        self.gated = activation in GATED
+        self.act = ACTIVATIONS[activation]
+        if self.gated:
+            self.gate_proj = nn.Linear(d_model, hidden_size, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden_size, bias=bias)
+        self.down_proj = nn.Linear(hidden_size, d_model, bias=bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(hidden)) * self.up_proj(hidden))
+        return self.down_proj(self.act(self.up_proj(hidden)))
+
+
+@register_block("mlp", symbol="-", options=MLPOptions, role="feedforward")
+class MLP(Block):
+    """Dense feed-forward sublayer. Shapes: (batch, seqlen, d_model) -> same."""
+
+    def __init__(self, d_model: int, options: MLPOptions, layer_idx: int) -> None:
+        super().__init__(d_model, options, layer_idx)
+        self.ffn = FeedForward(d_model, options.hidden_size, options.activation, options.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ffn(hidden)
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.ffn.down_proj]

@@ -1,0 +1,45 @@
+"""Rotary position embeddings (the rotate-half convention of Llama / transformers)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates the first ``rotary_dim`` channels of each head by position-dependent angles.
+
+    ``rotary_dim`` below ``head_dim`` gives partial rotary embeddings (Bamba, GPT-NeoX);
+    the remaining channels pass through unchanged.
+    """
+
+    def __init__(self, head_dim: int, rotary_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.theta = theta
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles for ``positions`` (seqlen,) -> cos, sin of shape (seqlen, rotary_dim).
+
+        Angles are computed in float32 (as transformers does), float64 for float64 inputs.
+        """
+        angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        exponents = torch.arange(
+            0, self.rotary_dim, 2, dtype=torch.float64, device=positions.device
+        )
+        inv_freq = (1.0 / self.theta ** (exponents / self.rotary_dim)).to(angle_dtype)
+        angles = positions.to(angle_dtype)[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (batch, seqlen, heads, head_dim) with cos/sin (seqlen, rotary_dim)."""
+        rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        rot = rot * cos + rotated_half * sin
+        return torch.cat((rot, passthrough), dim=-1) if passthrough.shape[-1] else rot

@@ -1,0 +1,102 @@
+"""Attention against an explicit float64 softmax(QK^T / sqrt(d)) V written here."""
+
+import math
+
+import pytest
+import torch
+
+from hybrid import HybridConfig
+from layers.attention import Attention, causal_attention
+
+
+def softmax_attention_reference(q, k, v, window=None):
+    """q (b, h, lq, d), k/v (b, hkv, lk, d); queries are the last lq positions."""
+    batch, heads, lq, dim = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            for i in range(lq):
+                pos = lk - lq + i
+                scores = []
+                for j in range(lk):
+                    visible = j <= pos and (window is None or j > pos - window)
+                    scores.append(
+                        (q[b, h, i] @ k[b, kv, j]).item() / math.sqrt(dim) if visible else -math.inf
+                    )
+                scores = torch.tensor(scores, dtype=q.dtype)
+                weights = torch.exp(scores - scores.max())
+                weights = weights / weights.sum()
+                out[b, h, i] = weights @ v[b, kv]
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("lq,lk", [(9, 9), (3, 9), (1, 9), (5, 5)])
+@pytest.mark.parametrize("window", [None, 1, 3, 20])
+def test_causal_attention_bottom_right(heads, kv_heads, lq, lk, window):
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, lq, 8, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, lk, 8, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, lk, 8, dtype=torch.float64)
+    expected = softmax_attention_reference(q, k, v, window)
+    for block_size in (1, 2, 1024):
+        got = causal_attention(q, k, v, window=window, block_size=block_size)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def rope_reference(x, theta, rotary_dim):
+    """x (b, l, h, d): rotate pairs (i, i + rotary_dim/2) by pos * theta^(-2i/rotary_dim)."""
+    out = x.clone()
+    half = rotary_dim // 2
+    for pos in range(x.shape[1]):
+        for i in range(half):
+            angle = pos * theta ** (-2 * i / rotary_dim)
+            a, b = x[:, pos, :, i], x[:, pos, :, i + half]
+            out[:, pos, :, i] = a * math.cos(angle) - b * math.sin(angle)
+            out[:, pos, :, i + half] = b * math.cos(angle) + a * math.sin(angle)
+    return out
+
+
+def attention_block_reference(block, x):
+    opts = block.options
+    b, length, _ = x.shape
+    q = (x @ block.q_proj.weight.T).view(b, length, opts.n_heads, opts.head_dim)
+    k = (x @ block.k_proj.weight.T).view(b, length, opts.n_kv_heads, opts.head_dim)
+    v = (x @ block.v_proj.weight.T).view(b, length, opts.n_kv_heads, opts.head_dim)
+    if opts.qkv_bias:
+        q = q + block.q_proj.bias.view(opts.n_heads, opts.head_dim)
+        k = k + block.k_proj.bias.view(opts.n_kv_heads, opts.head_dim)
+        v = v + block.v_proj.bias.view(opts.n_kv_heads, opts.head_dim)
+    if opts.rope:
+        rotary_dim = int(opts.head_dim * opts.rope_fraction)
+        q, k = (
+            rope_reference(q, opts.rope_theta, rotary_dim),
+            rope_reference(k, opts.rope_theta, rotary_dim),
+        )
+    out = softmax_attention_reference(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), opts.window
+    )
+    return out.transpose(1, 2).reshape(b, length, -1) @ block.o_proj.weight.T
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"n_heads": 4},
+        {"n_heads": 4, "n_kv_heads": 2, "rope_theta": 500.0},
+        {"n_heads": 4, "n_kv_heads": 1, "window": 3},
+        {"n_heads": 2, "rope": False, "qkv_bias": True},
+        {"n_heads": 4, "n_kv_heads": 2, "rope_fraction": 0.5, "head_dim": 12},
+    ],
+)
+def test_attention_block_matches_reference(options):
+    torch.manual_seed(1)
+    config = HybridConfig("*", vocab_size=8, d_model=32, attention=options)
+    block = Attention(32, config.layer_options[0], 0).double()
+    if options.get("qkv_bias"):
+        for proj in (block.q_proj, block.k_proj, block.v_proj):
+            torch.nn.init.normal_(proj.bias)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    torch.testing.assert_close(block(x), attention_block_reference(block, x), rtol=1e-9, atol=1e-9)

@@ -1,0 +1,88 @@
+"""`hybrid info`: the per-sublayer table, totals, cache bytes; bad input exits 2 with one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hybrid.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_info_table_and_totals(capsys):
+    code, out, _ = run(
+        capsys,
+        "info",
+        "M-M*-ME",
+        "--d-model",
+        "64",
+        "--vocab-size",
+        "100",
+        "--context",
+        "1000",
+        "mamba2.d_state=16",
+        "mamba2.headdim=16",
+        "attention.n_heads=4",
+        "attention.n_kv_heads=2",
+        "moe.n_experts=4",
+        "moe.top_k=1",
+    )
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert [row[2] for row in rows] == [
+        "mamba2",
+        "mlp",
+        "mamba2",
+        "attention",
+        "mlp",
+        "mamba2",
+        "moe",
+    ]
+    assert "total parameters:" in out and "active parameters:" in out
+    # attention: 2 (K and V) * 2 kv heads * 16 head_dim * 1000 tokens * 2 bytes (bf16)
+    assert rows[3][-2:] == ["125.0", "KiB"]
+    # mamba2: conv (128 + 2*16) * 3 * 2 bytes + SSM state 128 * 16 * 4 bytes = 9152 bytes
+    assert rows[0][-2:] == ["8.9", "KiB"]
+    assert rows[1][-2:] == ["0", "B"]
+    total = 3 * 9152 + 2 * 2 * 16 * 1000 * 2
+    assert f"({total:,} bytes" in out
+
+
+def test_info_reads_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model:\n  pattern: 'S-S*'\n  d_model: 32\n  vocab_size: 10\n  attention:\n    window: 64\n"
+    )
+    code, out, _ = run(capsys, "info", str(recipe), "--context", "32768")
+    assert code == 0 and "mamba1" in out
+    # windowed attention keeps only 64 positions: 2 * 1 head * 32 * 64 * 2 bytes
+    assert "8.0 KiB" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "M-Q"], "pattern[2]: unknown block 'Q'"),
+        (["info", "M*", "attention.n_heads=3", "--d-model", "64"], "attention.n_heads"),
+        (["info", "missing.yaml"], "missing.yaml: no such recipe file"),
+        (["info", "M", "--context", "0"], "--context"),
+        (["info", "M", "nonsense"], "expected key=value"),
+    ],
+)
+def test_info_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, _out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_module_entry_point_exit_code():
+    result = subprocess.run(
+        [sys.executable, "-m", "hybrid.cli", "info", "M-?"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("hybrid info: error: pattern[2]: unknown block '?'")
