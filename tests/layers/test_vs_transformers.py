@@ -1,0 +1,602 @@
+"""Our blocks against the layers of transformers' Llama, Mamba2, Bamba, Jamba and NemotronH.
+
+Each case builds the transformers module from a tiny config with random weights (no download),
+builds our block from the matching ``HybridConfig`` options, copies the weights across with an
+explicit name mapping (``load_state_dict(strict=True)``, so every weight of ours is covered) and
+compares the outputs on odd sequence lengths, one of which crosses the Mamba-2 chunk size (8 on
+both sides). The comparisons run in float32 (transformers upcasts norms, softmaxes, routers and
+scans to float32 internally), the plain MLPs in float64. Norm epsilons and other options are set
+away from both libraries' defaults, so an option that is not passed through fails the comparison.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers.models.bamba import modeling_bamba
+from transformers.models.bamba.configuration_bamba import BambaConfig
+from transformers.models.jamba import modeling_jamba
+from transformers.models.jamba.configuration_jamba import JambaConfig
+from transformers.models.llama import modeling_llama
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.mamba2 import modeling_mamba2
+from transformers.models.mamba2.configuration_mamba2 import Mamba2Config
+from transformers.models.nemotron_h import modeling_nemotron_h
+from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
+
+from hybrid import HybridConfig, HybridLM
+from layers.registry import get_block
+
+LENGTHS = (13, 21)  # odd; 21 crosses the chunk size 8 twice and leaves a partial chunk
+CHUNK = 8
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32; observed differences are below 1.1e-6
+TOL64 = {"rtol": 1e-12, "atol": 1e-12}  # float64, where transformers does not upcast to float32
+
+
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # not installed, or installed with its CUDA build skipped
+        return False
+    return True
+
+
+# With mamba-ssm / causal-conv1d importable, transformers sends the SSM scans and convs to their
+# CUDA kernels even for CPU tensors, so the torch reference paths compared here would not run.
+needs_torch_ssm_path = pytest.mark.skipif(
+    _imports("mamba_ssm") or _imports("causal_conv1d"),
+    reason="transformers dispatches to the mamba_ssm / causal_conv1d CUDA kernels when they import",
+)
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Random weights in ranges where every term matters (no zero biases, unit norms, etc.)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = dict(module.named_parameters())
+    tensors.update(
+        (name, buf)
+        for name, buf in module.named_buffers()
+        if name.endswith("e_score_correction_bias")
+    )
+    with torch.no_grad():
+        for name, p in tensors.items():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                value = torch.empty(p.shape).uniform_(1.0, 8.0, generator=gen).log()
+            elif leaf == "dt_bias" or name.endswith("dt_proj.bias"):
+                value = torch.randn(p.shape, generator=gen) * 0.5 - 2.0  # softplus ~ 0.13
+            elif leaf == "weight" and "norm" in name:
+                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
+            elif leaf == "e_score_correction_bias":
+                value = 0.3 * torch.randn(p.shape, generator=gen)
+            elif p.dim() >= 2:
+                value = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])
+            else:  # biases, D
+                value = 0.3 * torch.randn(p.shape, generator=gen)
+            p.copy_(value)
+
+
+def our_block(family: str, d_model: int, **options):
+    """Our block of ``family`` built from a one-sublayer HybridConfig."""
+    config = HybridConfig(pattern=[family], vocab_size=16, d_model=d_model, **{family: options})
+    block = get_block(family).block_class(d_model, config.layer_options[0], 0)
+    return block.eval()
+
+
+def load(ours: torch.nn.Module, theirs: torch.nn.Module, mapping: dict) -> None:
+    """Copy ``theirs[mapping[name]]`` into ``ours[name]``; every tensor of ours must be named.
+
+    A mapping value is a tensor name of ``theirs``, or ``(name, rows)`` to take ``[:, rows]`` of
+    a packed expert tensor.
+    """
+    source = dict(theirs.named_parameters()) | dict(theirs.named_buffers())
+    state = {}
+    for name, their in mapping.items():
+        value = source[their] if isinstance(their, str) else source[their[0]][:, their[1]]
+        state[name] = value.detach().clone()
+    ours.load_state_dict(state)  # strict: missing or unexpected names fail
+
+
+def causal_mask(length: int) -> torch.Tensor:
+    """Additive (1, 1, L, L) causal mask, as eager attention takes it."""
+    return torch.full((length, length), float("-inf")).triu(1)[None, None]
+
+
+def attention_kwargs(config, implementation: str, length: int) -> dict:
+    config._attn_implementation = implementation
+    # eager needs the mask; sdpa with no mask runs is_causal=True
+    return {"attention_mask": causal_mask(length) if implementation == "eager" else None}
+
+
+def rope_embeddings(rotary: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(x.shape[1])[None]
+    return rotary(x, positions)
+
+
+def inputs(d_model: int, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(2, length, d_model, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def proj_mapping(names, prefix_ours="", prefix_theirs="", bias=False) -> dict[str, str]:
+    keys = ["weight", "bias"] if bias else ["weight"]
+    return {f"{prefix_ours}{n}.{k}": f"{prefix_theirs}{n}.{k}" for n in names for k in keys}
+
+
+# --------------------------------------------------------------------------------------- Llama
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=16,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,  # != hidden_size / heads
+        rms_norm_eps=1e-3,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+LLAMA_ATTENTION = dict(n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=5000.0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_llama_attention(length, bias, implementation):
+    config = llama_config(attention_bias=bias)
+    theirs = modeling_llama.LlamaAttention(config, layer_idx=0).eval()
+    randomize(theirs, seed=1)
+    ours = our_block("attention", 48, **LLAMA_ATTENTION, qkv_bias=bias, out_bias=bias)
+    load(ours, theirs, proj_mapping(ATTN, bias=bias))
+
+    x = inputs(48, length)
+    rotary = modeling_llama.LlamaRotaryEmbedding(config)
+    kwargs = attention_kwargs(config, implementation, length)
+    expected, _ = theirs(x, position_embeddings=rope_embeddings(rotary, x), **kwargs)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_llama_mlp():
+    config = llama_config()
+    theirs = modeling_llama.LlamaMLP(config).eval()
+    randomize(theirs, seed=2)
+    ours = our_block("mlp", 48, hidden_size=80, activation="swiglu")
+    load(ours, theirs, proj_mapping(["gate_proj", "up_proj", "down_proj"], "ffn."))
+    theirs, ours = theirs.double(), ours.double()
+    x = inputs(48, 13, torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL64)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_llama_decoder_layer(length):
+    """A whole LlamaDecoderLayer is our two pre-norm residual sublayers ``*-``."""
+    config = llama_config()
+    theirs = modeling_llama.LlamaDecoderLayer(config, layer_idx=0).eval()
+    randomize(theirs, seed=3)
+    model = HybridLM(
+        HybridConfig(
+            pattern="*-",
+            vocab_size=16,
+            d_model=48,
+            attention=LLAMA_ATTENTION,
+            mlp={"hidden_size": 80},
+            norm_eps=1e-3,
+        )
+    ).eval()
+    mapping = {
+        "0.norm.weight": "input_layernorm.weight",
+        "1.norm.weight": "post_attention_layernorm.weight",
+        **proj_mapping(ATTN, "0.block.", "self_attn."),
+        **proj_mapping(["gate_proj", "up_proj", "down_proj"], "1.block.ffn.", "mlp."),
+    }
+    load(model.sublayers, theirs, mapping)
+
+    x = inputs(48, length)
+    rotary = modeling_llama.LlamaRotaryEmbedding(config)
+    kwargs = attention_kwargs(config, "eager", length)
+    expected = theirs(x, position_embeddings=rope_embeddings(rotary, x), **kwargs)
+    out = x
+    for sublayer in model.sublayers:
+        out, _ = sublayer(out)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+# -------------------------------------------------------------------------------------- Mamba-2
+
+MAMBA2_WEIGHTS = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight"]
+MAMBA2_WEIGHTS += ["out_proj.weight"]
+
+
+def mamba2_mapping(conv_bias: bool, bias: bool, prefix_ours="", prefix_theirs="") -> dict:
+    names = MAMBA2_WEIGHTS + ["conv1d.bias"] * conv_bias + ["in_proj.bias", "out_proj.bias"] * bias
+    return {prefix_ours + n: prefix_theirs + n for n in names}
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize(
+    "ngroups, conv_bias, bias, dt_limit",
+    [(1, True, False, (0.0, math.inf)), (4, False, True, (0.05, 0.2))],
+)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_mamba2_mixer(length, ngroups, conv_bias, bias, dt_limit):
+    config = Mamba2Config(
+        vocab_size=16,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_heads=8,
+        head_dim=8,
+        expand=2,
+        state_size=16,
+        n_groups=ngroups,
+        conv_kernel=4,
+        chunk_size=CHUNK,
+        use_conv_bias=conv_bias,
+        use_bias=bias,
+        layer_norm_epsilon=1e-3,
+        time_step_limit=dt_limit,
+    )
+    theirs = modeling_mamba2.Mamba2Mixer(config, layer_idx=0).eval()
+    randomize(theirs, seed=4)
+    ours = our_block(
+        "mamba2",
+        32,
+        d_state=16,
+        headdim=8,
+        expand=2,
+        ngroups=ngroups,
+        d_conv=4,
+        chunk_size=CHUNK,
+        conv_bias=conv_bias,
+        bias=bias,
+        norm_eps=1e-3,
+        dt_limit=dt_limit,
+    )
+    load(ours, theirs, mamba2_mapping(conv_bias, bias))
+    x = inputs(32, length)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+# ---------------------------------------------------------------------------------------- Bamba
+
+
+def bamba_config() -> BambaConfig:
+    return BambaConfig(
+        vocab_size=16,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        attn_layer_indices=[1],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
+        rms_norm_eps=1e-3,
+        mamba_n_heads=16,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=CHUNK,
+        time_step_limit=(0.0, math.inf),
+    )
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_bamba_attention(length, implementation):
+    """Bamba rotates half of each head's channels (partial_rotary_factor 0.5)."""
+    config = bamba_config()
+    assert config.rope_parameters["partial_rotary_factor"] == 0.5
+    theirs = modeling_bamba.BambaAttention(config, layer_idx=1).eval()
+    randomize(theirs, seed=5)
+    ours = our_block("attention", 64, n_heads=4, n_kv_heads=2, rope_theta=3000.0, rope_fraction=0.5)
+    load(ours, theirs, proj_mapping(ATTN))
+
+    x = inputs(64, length)
+    rotary = modeling_bamba.BambaRotaryEmbedding(config)
+    kwargs = attention_kwargs(config, implementation, length)
+    expected, _ = theirs(x, position_embeddings=rope_embeddings(rotary, x), **kwargs)
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize("length", LENGTHS)
+def test_bamba_mixer(length):
+    config = bamba_config()
+    theirs = modeling_bamba.BambaMixer(config, layer_idx=0).eval()
+    randomize(theirs, seed=6)
+    assert theirs.head_dim == 8  # "auto": expand * hidden / n_heads
+    ours = our_block(
+        "mamba2",
+        64,
+        d_state=16,
+        headdim=8,
+        expand=2,
+        ngroups=2,
+        d_conv=4,
+        chunk_size=CHUNK,
+        norm_eps=1e-3,
+    )
+    load(ours, theirs, mamba2_mapping(conv_bias=True, bias=False))
+    x = inputs(64, length)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+# ---------------------------------------------------------------------------------------- Jamba
+
+
+def jamba_config(conv_bias=True, proj_bias=False) -> JambaConfig:
+    return JambaConfig(
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-3,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=6,
+        mamba_conv_bias=conv_bias,
+        mamba_proj_bias=proj_bias,
+    )
+
+
+JAMBA_MAMBA1 = dict(d_state=8, expand=2, dt_rank=6, d_conv=4, inner_norms=True, norm_eps=1e-3)
+
+
+def jamba_mamba_mapping(conv_bias, proj_bias, prefix_ours="", prefix_theirs="") -> dict:
+    names = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight"]
+    names += ["dt_proj.bias", "A_log", "D", "out_proj.weight"]
+    names += ["conv1d.bias"] * conv_bias + ["in_proj.bias", "out_proj.bias"] * proj_bias
+    mapping = {prefix_ours + n: prefix_theirs + n for n in names}
+    for ours_norm, their_norm in [("dt_norm", "dt_layernorm"), ("b_norm", "b_layernorm"),
+                                  ("c_norm", "c_layernorm")]:  # fmt: skip
+        mapping[f"{prefix_ours}{ours_norm}.weight"] = f"{prefix_theirs}{their_norm}.weight"
+    return mapping
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize("conv_bias, proj_bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_jamba_mamba_mixer(length, conv_bias, proj_bias):
+    """JambaMambaMixer's sequential CPU scan, with its RMSNorms on dt, B and C."""
+    config = jamba_config(conv_bias, proj_bias)
+    theirs = modeling_jamba.JambaMambaMixer(config, layer_idx=0).eval()
+    randomize(theirs, seed=7)
+    ours = our_block("mamba1", 32, **JAMBA_MAMBA1, conv_bias=conv_bias, bias=proj_bias)
+    load(ours, theirs, jamba_mamba_mapping(conv_bias, proj_bias))
+    x = inputs(32, length)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+JAMBA_MOE = dict(
+    n_experts=4, top_k=2, expert_hidden_size=48, router="softmax", normalize_top_k=False
+)
+
+
+def jamba_moe_mapping(prefix_ours="", prefix_theirs="") -> dict:
+    # gate_up_proj is (n_experts, 2 * hidden, d_model): the gate's rows, then the up's
+    hidden = JAMBA_MOE["expert_hidden_size"]
+    gate_up = f"{prefix_theirs}experts.gate_up_proj"
+    return {
+        f"{prefix_ours}router.weight": f"{prefix_theirs}router.weight",
+        f"{prefix_ours}experts.gate_proj": (gate_up, slice(None, hidden)),
+        f"{prefix_ours}experts.up_proj": (gate_up, slice(hidden, None)),
+        f"{prefix_ours}experts.down_proj": f"{prefix_theirs}experts.down_proj",
+    }
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_jamba_sparse_moe(length):
+    """Softmax over all experts, top-2, weights left unnormalised."""
+    config = jamba_config()
+    theirs = modeling_jamba.JambaSparseMoeBlock(config).eval()
+    randomize(theirs, seed=8)
+    ours = our_block("moe", 32, **JAMBA_MOE)
+    load(ours, theirs, jamba_moe_mapping())
+    x = inputs(32, length)
+    torch.testing.assert_close(ours(x).hidden, theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_jamba_attention(length, implementation):
+    """Jamba's attention has no positional encoding."""
+    config = jamba_config()
+    theirs = modeling_jamba.JambaAttention(config, layer_idx=1).eval()
+    randomize(theirs, seed=9)
+    ours = our_block("attention", 32, n_heads=4, n_kv_heads=2, rope=False)
+    load(ours, theirs, proj_mapping(ATTN))
+    x = inputs(32, length)
+    expected, _ = theirs(x, **attention_kwargs(config, implementation, length))
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize("length", LENGTHS)
+def test_jamba_mamba_decoder_layer(length):
+    """A JambaMambaDecoderLayer with an MoE feed-forward is our sublayers ``SE``."""
+    config = jamba_config()
+    theirs = modeling_jamba.JambaMambaDecoderLayer(config, layer_idx=0).eval()
+    assert isinstance(theirs.feed_forward, modeling_jamba.JambaSparseMoeBlock)
+    randomize(theirs, seed=10)
+    model = HybridLM(
+        HybridConfig(
+            pattern="SE",
+            vocab_size=16,
+            d_model=32,
+            mamba1=JAMBA_MAMBA1,
+            moe=JAMBA_MOE,
+            norm_eps=1e-3,
+        )
+    ).eval()
+    mapping = {
+        "0.norm.weight": "input_layernorm.weight",
+        "1.norm.weight": "pre_ff_layernorm.weight",
+        **jamba_mamba_mapping(True, False, "0.block.", "mamba."),
+        **jamba_moe_mapping("1.block.", "feed_forward."),
+    }
+    load(model.sublayers, theirs, mapping)
+    x = inputs(32, length)
+    out = x
+    for sublayer in model.sublayers:
+        out, _ = sublayer(out)
+    torch.testing.assert_close(out, theirs(x), **TOL)
+
+
+# ------------------------------------------------------------------------------------ NemotronH
+
+
+def nemotron_h_config(norm_topk_prob=True) -> NemotronHConfig:
+    return NemotronHConfig(
+        vocab_size=16,
+        hidden_size=32,
+        layers_block_type=["linear_attention", "full_attention", "mlp", "moe"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,  # != hidden_size / heads
+        intermediate_size=48,
+        mlp_hidden_act="relu2",
+        ssm_state_size=16,
+        mamba_num_heads=6,  # inner width 48 != expand * hidden_size
+        mamba_head_dim=8,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=CHUNK,
+        time_step_min=0.05,  # also the lower clamp of dt
+        use_bias=True,
+        layer_norm_epsilon=1e-3,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=40,
+        moe_latent_size=None,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.5,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=norm_topk_prob,
+    )
+
+
+NEMOTRON_MAMBA2 = dict(
+    d_state=16,
+    headdim=8,
+    n_heads=6,
+    ngroups=2,
+    d_conv=4,
+    chunk_size=CHUNK,
+    bias=True,
+    norm_eps=1e-3,
+    dt_limit=(0.05, math.inf),
+)
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize("length", LENGTHS)
+def test_nemotron_h_mamba2_mixer(length):
+    config = nemotron_h_config()
+    theirs = modeling_nemotron_h.NemotronHMamba2Mixer(config, layer_idx=0).eval()
+    assert theirs.time_step_limit == (0.05, math.inf)
+    randomize(theirs, seed=11)
+    ours = our_block("mamba2", 32, **NEMOTRON_MAMBA2)
+    load(ours, theirs, mamba2_mapping(conv_bias=True, bias=True))
+    x = inputs(32, length)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize("length", LENGTHS)
+def test_nemotron_h_mamba_block(length):
+    """A whole NemotronHBlock (norm, mixer, residual) is our pre-norm sublayer ``M``."""
+    config = nemotron_h_config()
+    theirs = modeling_nemotron_h.NemotronHBlock(config, layer_idx=0).eval()
+    randomize(theirs, seed=12)
+    model = HybridLM(
+        HybridConfig(pattern="M", vocab_size=16, d_model=32, mamba2=NEMOTRON_MAMBA2, norm_eps=1e-3)
+    ).eval()
+    mapping = {"0.norm.weight": "norm.weight"}
+    mapping |= mamba2_mapping(True, True, "0.block.", "mixer.")
+    load(model.sublayers, theirs, mapping)
+    x = inputs(32, length)
+    torch.testing.assert_close(model.sublayers[0](x)[0], theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_nemotron_h_attention(length, implementation):
+    """Nemotron-H attention has no positional encoding and a head_dim of its own."""
+    config = nemotron_h_config()
+    theirs = modeling_nemotron_h.NemotronHAttention(config, layer_idx=1).eval()
+    randomize(theirs, seed=13)
+    ours = our_block("attention", 32, n_heads=4, n_kv_heads=2, head_dim=12, rope=False)
+    load(ours, theirs, proj_mapping(ATTN))
+    x = inputs(32, length)
+    expected, _ = theirs(x, **attention_kwargs(config, implementation, length))
+    torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_nemotron_h_mlp():
+    config = nemotron_h_config()
+    theirs = modeling_nemotron_h.NemotronHMLP(config, layer_idx=2).eval()
+    randomize(theirs, seed=14)
+    ours = our_block("mlp", 32, hidden_size=48, activation="relu2")
+    load(ours, theirs, proj_mapping(["up_proj", "down_proj"], "ffn."))
+    theirs, ours = theirs.double(), ours.double()
+    x = inputs(32, 13, torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL64)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_nemotron_h_moe(length, norm_topk_prob):
+    """Sigmoid router with correction bias and group-limited choice, shared relu2 expert."""
+    config = nemotron_h_config(norm_topk_prob)
+    theirs = modeling_nemotron_h.NemotronHMoE(config, layer_idx=3).eval()
+    randomize(theirs, seed=15)
+    ours = our_block(
+        "moe",
+        32,
+        n_experts=8,
+        top_k=2,
+        expert_hidden_size=24,
+        activation="relu2",
+        n_shared_experts=1,
+        shared_hidden_size=40,
+        router="sigmoid",
+        normalize_top_k=norm_topk_prob,
+        routed_scaling=2.5,
+        score_correction_bias=True,
+        n_groups=4,
+        topk_groups=2,
+    )
+    mapping = {
+        "router.weight": "gate.weight",
+        "score_bias": "gate.e_score_correction_bias",
+        "experts.up_proj": "experts.up_proj",
+        "experts.down_proj": "experts.down_proj",
+        **proj_mapping(["up_proj", "down_proj"], "shared.", "shared_experts."),
+    }
+    load(ours, theirs, mapping)
+    x = inputs(32, length)
+    torch.testing.assert_close(ours(x).hidden, theirs(x), **TOL)
