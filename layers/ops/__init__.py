@@ -1,0 +1,24 @@
+"""Numerical core of the SSM blocks: causal conv, Mamba-2 SSD scan, Mamba-1 selective scan.
+
+Every op has a pure PyTorch path (CPU, reference, differentiable) and dispatches to the
+mamba-ssm / causal-conv1d CUDA kernels when the tensors are on CUDA and the kernels import.
+"""
+
+from .conv import causal_conv1d, causal_conv1d_step
+from .kernels import causal_conv1d_ops, mamba_ssm_ops, use_kernels
+from .selective_scan import selective_scan, selective_scan_step, selective_scan_torch
+from .ssd import ssd_chunked_torch, ssd_scan, ssd_step
+
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_ops",
+    "causal_conv1d_step",
+    "mamba_ssm_ops",
+    "selective_scan",
+    "selective_scan_step",
+    "selective_scan_torch",
+    "ssd_chunked_torch",
+    "ssd_scan",
+    "ssd_step",
+    "use_kernels",
+]
