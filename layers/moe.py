@@ -204,7 +204,8 @@ class MoE(Block):
         ]
         expert_out = torch.cat(outputs) if outputs else grouped
         expert_out = expert_out * weights.flatten()[order, None].to(expert_out.dtype)
-        combined = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out)
+        combined = torch.zeros_like(tokens, dtype=expert_out.dtype)
+        combined.index_add_(0, token_of_slot, expert_out)
         if self.shared is not None:
             combined = combined + self.shared(tokens)
 

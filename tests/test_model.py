@@ -92,3 +92,16 @@ def test_residual_projections_start_smaller():
     std = model.sublayers[1].block.o_proj.weight.std().item()
     assert std == pytest.approx(0.02 / 3**0.5, rel=0.2)
     assert model.sublayers[1].block.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_bf16_autocast_forward_backward_is_finite_and_close():
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig("M*S-E", **SMALL))
+    ids = torch.randint(0, 50, (2, 40))
+    reference = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids)
+    (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    error = (out.logits.float() - reference).norm() / reference.norm()
+    assert error < 0.05, error

@@ -31,6 +31,10 @@ from .kernels import mamba_ssm_ops, use_kernels
 __all__ = ["ssd_chunked_torch", "ssd_scan", "ssd_step"]
 
 _NO_LIMIT = (0.0, math.inf)
+# The chunk size changes only the speed, never the result. The PyTorch path's (Q, Q) work per
+# head makes chunks above 128 slower on CPU (1.3-3x at 256, measured), so the dispatcher caps
+# them there; the Triton kernel keeps the configured size.
+TORCH_MAX_CHUNK = 128
 # Largest within-chunk decay range (max - min of cumsum(dt * A)) of a head for which the
 # factorised within-chunk path is used: its factors exp(+-range / 2) stay far from overflow and
 # underflow (float32: e^30 ~ 1e13). Heads with faster decay take the segment-sum path.
@@ -345,7 +349,8 @@ def ssd_scan(
             else dt + dt_bias, then clamped to dt_limit unless it is (0, inf).
         A: (nheads,), negative.
         B, C: (batch, seqlen, ngroups, d_state); head h uses group h // (nheads // ngroups).
-        chunk_size: chunk length of the chunked algorithm (does not change the result).
+        chunk_size: chunk length of the chunked algorithm (does not change the result; the
+            PyTorch path uses at most TORCH_MAX_CHUNK).
         D: (nheads,) or (nheads, headdim) skip connection, or None.
         z: (batch, seqlen, nheads, headdim) gate, y * silu(z), or None.
         dt_bias: (nheads,) or None.
@@ -379,7 +384,7 @@ def ssd_scan(
         A,
         B,
         C,
-        chunk_size=chunk_size,
+        chunk_size=min(chunk_size, TORCH_MAX_CHUNK),
         D=D,
         z=z,
         dt_bias=dt_bias,
