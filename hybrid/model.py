@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from hybrid.cache import HybridCache
 from hybrid.config import HybridConfig
-from layers.base import Block, BlockOutput
+from layers.base import Block, BlockOutput, CacheEntry, TokenContext
 from layers.moe import Experts
 from layers.norm import RMSNorm
 from layers.registry import get_block
@@ -38,9 +40,20 @@ class Sublayer(nn.Module):
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
         self.block = block
+        # Per-token blocks (and simple user blocks) take ``hidden`` alone.
+        self.takes_context = "context" in inspect.signature(block.forward).parameters
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, BlockOutput | None]:
-        out = self.block(self.norm(hidden))
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: CacheEntry | None = None,
+        context: TokenContext | None = None,
+    ) -> tuple[torch.Tensor, BlockOutput | None]:
+        normed = self.norm(hidden)
+        if self.takes_context and (cache is not None or context is not None):
+            out = self.block(normed, cache=cache, context=context)
+        else:
+            out = self.block(normed)
         if isinstance(out, BlockOutput):
             return hidden + out.hidden, out
         return hidden + out, None
@@ -122,18 +135,119 @@ class HybridLM(nn.Module):
                 f"input_ids: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
             )
 
-    def forward(self, input_ids: torch.Tensor) -> HybridOutput:
-        """Shapes: input_ids (batch, seqlen) -> logits (batch, seqlen, vocab_size)."""
+    def allocate_cache(
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+    ) -> HybridCache:
+        """An empty inference cache for ``batch_size`` sequences of up to ``max_seqlen`` tokens.
+
+        ``dtype`` is that of keys, values and conv states (default: the model's); SSM states
+        are always float32 (or wider).
+        """
+        for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer; got {value!r}")
+        for index, sublayer in enumerate(self.sublayers):
+            if get_block(self.config.layers[index]).role == "mixer" and not sublayer.takes_context:
+                raise ValueError(
+                    f"layers[{index}]: block {self.config.layers[index]!r} mixes tokens but its "
+                    "forward takes no cache/context, so it cannot run with an inference cache"
+                )
+        dtype = dtype or self.embedding.weight.dtype
+        device = self.embedding.weight.device
+        return HybridCache(
+            [block.allocate_cache(batch_size, max_seqlen, dtype, device) for block in self.blocks],
+            batch_size=batch_size,
+            max_seqlen=max_seqlen,
+            fingerprint=self.config.fingerprint(),
+            device=device,
+        )
+
+    def token_context(
+        self,
+        input_ids: torch.Tensor,
+        cache: HybridCache | None,
+        attention_mask: torch.Tensor | None,
+    ) -> TokenContext | None:
+        """Positions and padding of the new tokens; None when they are plain 0..n-1, no pads.
+
+        Raises:
+            ValueError: a cache of another batch size or too short for the new tokens, or an
+                attention mask that is not left padding.
+        """
+        if cache is None and attention_mask is None:
+            return None
+        batch, n = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            if batch != cache.batch_size:
+                raise ValueError(
+                    f"input_ids: batch size {batch} does not match the cache's {cache.batch_size}"
+                )
+            if start + n > cache.max_seqlen:
+                raise ValueError(
+                    f"input_ids: {n} new tokens after {start} cached exceed the cache's "
+                    f"max_seqlen={cache.max_seqlen}"
+                )
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() == 2 and attention_mask.shape[1] == start + n and start:
+                attention_mask = attention_mask[:, start:]  # a mask over the whole sequence
+            if attention_mask.shape != (batch, n):
+                raise ValueError(
+                    f"attention_mask: expected shape ({batch}, {n}) (or ({batch}, {start + n})); "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+            seen_real = cache is not None and bool((cache.real_lengths > 0).any())
+            steps = valid[:, 1:].int() - valid[:, :-1].int()
+            if bool((steps < 0).any()) or (
+                seen_real and not bool(valid[cache.real_lengths > 0].all())
+            ):
+                raise ValueError(
+                    "attention_mask: only left padding is supported (zeros before a row's first "
+                    "real token, none after it)"
+                )
+            if bool(valid.all()):
+                valid = None
+        prior = (
+            torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+            if cache is None
+            else cache.real_lengths
+        )
+        if valid is None:
+            positions = prior[:, None] + torch.arange(n, device=input_ids.device)
+        else:
+            positions = (prior[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+        return TokenContext(start=start, positions=positions, valid=valid)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: HybridCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> HybridOutput:
+        """Logits for ``input_ids`` (batch, n) -> (batch, n, vocab_size).
+
+        With ``cache``, the tokens continue what the cache has seen (one token is a decode
+        step, more are a prefill chunk) and the cache is updated. ``attention_mask``
+        (batch, n) — or (batch, cached + n) — is 0 at left-padding positions: padding never
+        enters conv or SSM state, is never attended to, and does not advance positions.
+        """
         self.check_token_ids(input_ids)
+        context = self.token_context(input_ids, cache, attention_mask)
         hidden = self.embedding(input_ids)
         aux_loss, router_stats = None, {}
         for index, sublayer in enumerate(self.sublayers):
-            hidden, extra = sublayer(hidden)
+            entry = None if cache is None else cache.entries[index]
+            hidden, extra = sublayer(hidden, entry, context)
             if extra is not None:
                 if extra.aux_loss is not None:
                     aux_loss = extra.aux_loss if aux_loss is None else aux_loss + extra.aux_loss
                 if extra.stats:
                     router_stats[index] = extra.stats
+        if cache is not None:
+            cache.advance(input_ids.shape[1], None if context is None else context.valid)
         logits = self.lm_head(self.final_norm(hidden))
         return HybridOutput(logits, aux_loss, router_stats)
 

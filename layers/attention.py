@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from layers.base import Block, dtype_bytes, require, require_positive_int
+from layers.base import (
+    Block,
+    CacheEntry,
+    TokenContext,
+    dtype_bytes,
+    require,
+    require_positive_int,
+)
 from layers.registry import register_block
 from layers.rope import RotaryEmbedding
 
@@ -134,6 +141,117 @@ def causal_attention(
     return torch.cat(outputs, dim=-2)
 
 
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    key_valid: torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    block_size: int = 1024,
+) -> torch.Tensor:
+    """Causal attention over keys identified by absolute index, with padding and window.
+
+    Query ``i`` (at absolute index ``query_index[i]``) sees key ``j`` iff the key slot is
+    filled (``key_index >= 0``), not in the future, inside the window, and a real token. A
+    padding query also sees itself, so that it never has an empty row (which would give NaN
+    and poison later layers through 0 * NaN).
+
+    Shapes: q (batch, n_heads, n, head_dim); k, v (batch, n_kv_heads, K, head_dim);
+    query_index (n,); key_index, key_valid (batch, K) -> (batch, n_heads, n, head_dim).
+    Runs over query blocks of ``block_size``, so the mask is never larger than
+    (batch, block_size, K).
+    """
+    gqa = k.shape[1] != q.shape[1]
+    keys = key_index[:, None, :]  # (b, 1, K)
+    outputs = []
+    for start in range(0, q.shape[-2], block_size):
+        queries = query_index[start : start + block_size, None]  # (qb, 1)
+        visible = (keys >= 0) & (keys <= queries)
+        if window is not None:
+            visible &= keys > queries - window
+        visible &= key_valid[:, None, :] | (keys == queries)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                q[..., start : start + block_size, :],
+                k,
+                v,
+                attn_mask=visible[:, None],
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(outputs, dim=-2)
+
+
+@dataclass
+class KVCache(CacheEntry):
+    """Keys and values of one attention sublayer.
+
+    Full attention keeps every position: absolute index ``t`` lives in slot ``t``. Sliding
+    window attention keeps a ring of ``window`` slots, index ``t`` in slot ``t % window``, so
+    its memory is bounded by the window whatever the context length.
+
+    Attributes:
+        keys, values: (batch, n_kv_heads, capacity, head_dim), keys already rotated.
+        key_index: (batch, capacity) int64, the absolute index a slot holds (-1: empty).
+        valid: (batch, capacity) bool, the slot holds a real token (not left padding).
+        window: the ring size, or None for full attention.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_index: torch.Tensor
+    valid: torch.Tensor
+    window: int | None = None
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: TokenContext
+    ) -> torch.Tensor:
+        """Store the new keys/values and attend the new queries over everything in view.
+
+        Shapes: q (batch, n_heads, n, head_dim); k, v (batch, n_kv_heads, n, head_dim).
+        """
+        n, start = q.shape[-2], context.start
+        new_index = torch.arange(start, start + n, device=q.device)
+        new_valid = (
+            context.valid
+            if context.valid is not None
+            else torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
+        )
+        if self.window is None:
+            end = start + n
+            self.keys[:, :, start:end] = k
+            self.values[:, :, start:end] = v
+            self.key_index[:, start:end] = new_index
+            self.valid[:, start:end] = new_valid
+            keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+            key_index, key_valid = self.key_index[:, :end], self.valid[:, :end]
+        else:
+            keys = torch.cat([self.keys, k], dim=2)
+            values = torch.cat([self.values, v], dim=2)
+            key_index = torch.cat([self.key_index, new_index.expand(q.shape[0], n)], dim=1)
+            key_valid = torch.cat([self.valid, new_valid], dim=1)
+            kept = slice(max(0, n - self.window), n)  # the newest tokens that fit the ring
+            slots = new_index[kept] % self.window
+            self.keys[:, :, slots] = k[:, :, kept]
+            self.values[:, :, slots] = v[:, :, kept]
+            self.key_index[:, slots] = new_index[kept]
+            self.valid[:, slots] = new_valid[:, kept]
+        return masked_attention(
+            q,
+            keys,
+            values,
+            query_index=new_index,
+            key_index=key_index,
+            key_valid=key_valid,
+            window=self.window,
+        )
+
+
 @register_block("attention", symbol="*", options=AttentionOptions)
 class Attention(Block):
     """Self-attention sublayer. Shapes: (batch, seqlen, d_model) -> same.
@@ -155,26 +273,65 @@ class Attention(Block):
             else None
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: KVCache | None = None,
+        context: TokenContext | None = None,
+    ) -> torch.Tensor:
         opts = self.options
         q = rearrange(self.q_proj(hidden), "b l (h d) -> b l h d", d=opts.head_dim)
         k = rearrange(self.k_proj(hidden), "b l (h d) -> b l h d", d=opts.head_dim)
         v = rearrange(self.v_proj(hidden), "b l (h d) -> b l h d", d=opts.head_dim)
         if self.rotary is not None:
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            positions = (
+                context.positions
+                if context is not None
+                else torch.arange(hidden.shape[1], device=hidden.device)
+            )
             cos, sin = self.rotary.cos_sin(positions, q.dtype)
             q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
-        out = causal_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window=opts.window
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            out = cache.attend(q, k, v, context)
+        elif context is not None and context.valid is not None:
+            index = torch.arange(hidden.shape[1], device=hidden.device)
+            out = masked_attention(
+                q,
+                k,
+                v,
+                query_index=index,
+                key_index=index.expand(hidden.shape[0], -1),
+                key_valid=context.valid,
+                window=opts.window,
+            )
+        else:
+            out = causal_attention(q, k, v, window=opts.window)
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+    def allocate_cache(
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
+    ) -> KVCache:
+        opts = self.options
+        capacity = max_seqlen if opts.window is None else min(opts.window, max_seqlen)
+        window = None if opts.window is None or opts.window >= max_seqlen else opts.window
+        shape = (batch_size, opts.n_kv_heads, capacity, opts.head_dim)
+        return KVCache(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            key_index=torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
+            valid=torch.zeros(batch_size, capacity, dtype=torch.bool, device=device),
+            window=window,
+        )
 
     @classmethod
     def inference_state_bytes(
         cls, d_model: int, options: AttentionOptions, context: int, dtype: torch.dtype
     ) -> int:
         kept = context if options.window is None else min(context, options.window)
-        return 2 * options.n_kv_heads * options.head_dim * kept * dtype_bytes(dtype)
+        key_value = 2 * options.n_kv_heads * options.head_dim * dtype_bytes(dtype)
+        bookkeeping = 8 + 1  # per slot: int64 absolute index, bool real-token flag
+        return kept * (key_value + bookkeeping)
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.o_proj]

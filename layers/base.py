@@ -17,6 +17,69 @@ from torch import nn
 
 
 @dataclass
+class TokenContext:
+    """Where the new tokens of a forward call sit; given to blocks when it is not trivial.
+
+    Attributes:
+        start: absolute index of the first new token in the cache's timeline (pads included);
+            0 without a cache.
+        positions: (batch, n) int64 position of each new token among its row's real tokens
+            (what RoPE rotates by; left padding does not advance it).
+        valid: (batch, n) bool, False at left-padding positions, or None when all are real.
+    """
+
+    start: int
+    positions: torch.Tensor
+    valid: torch.Tensor | None = None
+
+
+class CacheEntry:
+    """One sublayer's inference state; tensor attributes hold a leading batch dimension.
+
+    Subclasses are dataclasses of tensors (and plain Python settings). ``select``, ``nbytes``
+    and the save/load helpers work on every tensor field, so a new entry type only declares
+    its fields.
+    """
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The entry's tensors by field name."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the entry's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Keep (and reorder to) the batch rows ``indices`` (beam search, finished rows)."""
+        for name, tensor in self.tensors().items():
+            setattr(self, name, tensor.index_select(0, indices.to(tensor.device)))
+
+    def copy(self) -> CacheEntry:
+        """A deep copy (tensors cloned)."""
+        return dataclasses.replace(self, **{k: t.clone() for k, t in self.tensors().items()})
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors into this entry, checking names, shapes and dtypes."""
+        own = self.tensors()
+        if set(tensors) != set(own):
+            raise ValueError(
+                f"cache entry fields differ: saved {sorted(tensors)}, expected {sorted(own)}"
+            )
+        for name, tensor in tensors.items():
+            if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
+                raise ValueError(
+                    f"cache entry {name}: saved {tuple(tensor.shape)} {tensor.dtype}, expected "
+                    f"{tuple(own[name].shape)} {own[name].dtype}"
+                )
+            own[name].copy_(tensor)
+
+
+@dataclass
 class BlockOutput:
     """A block's output when it carries more than hidden states.
 
@@ -36,7 +99,13 @@ class Block(nn.Module):
     """Base class of registered blocks.
 
     Subclasses take ``(d_model, options, layer_idx)`` in ``__init__`` and implement
-    ``forward(hidden) -> Tensor | BlockOutput``. They may override:
+    ``forward(hidden, cache=None, context=None) -> Tensor | BlockOutput``: ``cache`` is the
+    block's own :class:`CacheEntry` (from :meth:`allocate_cache`) whose state the new tokens
+    continue and which the call updates; ``context`` is a :class:`TokenContext` (positions
+    and left padding). The model passes both only when it has them, so a stateless block
+    whose forward takes ``hidden`` alone still works without a cache. They may override:
+
+    - :meth:`allocate_cache` — this block's cache entry (None: the block keeps no state);
 
     - :meth:`inference_state_bytes` — bytes of inference state one sequence needs at a given
       context length (KV for attention, conv + SSM state for SSM blocks, 0 for feed-forwards);
@@ -50,6 +119,12 @@ class Block(nn.Module):
         self.d_model = d_model
         self.options = options
         self.layer_idx = layer_idx
+
+    def allocate_cache(
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
+    ) -> CacheEntry | None:
+        """The inference-cache entry for ``batch_size`` sequences of up to ``max_seqlen``."""
+        return None
 
     @classmethod
     def inference_state_bytes(

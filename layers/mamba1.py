@@ -10,11 +10,17 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from layers.base import Block, dtype_bytes, require, require_positive_int
+from layers.base import Block, TokenContext, dtype_bytes, require, require_positive_int
 from layers.norm import RMSNorm, upcast
-from layers.ops import causal_conv1d, selective_scan
+from layers.ops import (
+    causal_conv1d,
+    causal_conv1d_step,
+    effective_dt,
+    selective_scan,
+    selective_scan_step,
+)
 from layers.registry import register_block
-from layers.ssm_init import init_dt_bias, mark_no_weight_decay
+from layers.ssm_init import SSMCache, init_dt_bias, mark_no_weight_decay
 
 
 @dataclass
@@ -98,33 +104,82 @@ class Mamba1(Block):
             self.c_norm = RMSNorm(d_state, options.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=options.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SSMCache | None = None,
+        context: TokenContext | None = None,
+    ) -> torch.Tensor:
         opts = self.options
+        valid = None if context is None or context.valid is None else context.valid[..., None]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x = causal_conv1d(
-            x.transpose(1, 2),
-            rearrange(self.conv1d.weight, "d 1 w -> d w"),
-            self.conv1d.bias,
-            activation="silu",
-        )  # (b, d_inner, l)
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [opts.dt_rank, opts.d_state, opts.d_state], dim=-1
-        )
+        if valid is not None:
+            x = x * valid  # padding never enters the conv window
+        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        step = cache is not None and hidden.shape[1] == 1 and valid is None
+        if step:
+            x_t, cache.conv_state = causal_conv1d_step(
+                x[:, 0], cache.conv_state, conv_weight, self.conv1d.bias, activation="silu"
+            )
+            x = x_t[:, None, :]  # (b, 1, d_inner)
+        else:
+            conv = causal_conv1d(
+                x.transpose(1, 2),
+                conv_weight,
+                self.conv1d.bias,
+                activation="silu",
+                initial_state=None if cache is None else cache.conv_state,
+                return_final_state=cache is not None,
+            )
+            if cache is not None:
+                conv, cache.conv_state = conv
+            x = conv.transpose(1, 2)  # (b, l, d_inner)
+            if valid is not None:
+                x = x * valid  # the conv bias must not turn padding into input
+        dt, B, C = self.x_proj(x).split([opts.dt_rank, opts.d_state, opts.d_state], dim=-1)
         if opts.inner_norms:
             dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); bias goes in the scan
+        dt_args = {"delta_bias": self.dt_proj.bias, "delta_softplus": True}
+        if valid is not None:
+            dt = effective_dt(dt, self.dt_proj.bias, True) * valid  # padding leaves the state
+            dt_args = {}
+        A = -torch.exp(upcast(self.A_log))
+        if step:
+            y, cache.ssm_state = selective_scan_step(
+                cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, z=z[:, 0],
+                **dt_args,
+            )  # fmt: skip
+            return self.out_proj(y[:, None, :])
         y = selective_scan(
-            x,
+            x.transpose(1, 2),
             dt.transpose(1, 2),
-            -torch.exp(upcast(self.A_log)),
+            A,
             B.transpose(1, 2),
             C.transpose(1, 2),
             D=self.D,
             z=z.transpose(1, 2),
-            delta_bias=self.dt_proj.bias,
-            delta_softplus=True,
+            initial_state=None if cache is None else cache.ssm_state,
+            return_final_state=cache is not None,
+            **dt_args,
         )
+        if cache is not None:
+            y, cache.ssm_state = y
         return self.out_proj(y.transpose(1, 2))
+
+    def allocate_cache(
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
+    ) -> SSMCache:
+        opts = self.options
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        return SSMCache(
+            conv_state=torch.zeros(
+                batch_size, self.d_inner, opts.d_conv - 1, dtype=dtype, device=device
+            ),
+            ssm_state=torch.zeros(
+                batch_size, self.d_inner, opts.d_state, dtype=state_dtype, device=device
+            ),
+        )
 
     @classmethod
     def inference_state_bytes(

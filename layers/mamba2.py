@@ -9,11 +9,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from layers.base import Block, dtype_bytes, require, require_positive_int
+from layers.base import Block, TokenContext, dtype_bytes, require, require_positive_int
 from layers.norm import GatedRMSNorm, upcast
-from layers.ops import causal_conv1d, ssd_scan
+from layers.ops import causal_conv1d, causal_conv1d_step, effective_dt, ssd_scan, ssd_step
 from layers.registry import register_block
-from layers.ssm_init import init_dt_bias, mark_no_weight_decay
+from layers.ssm_init import SSMCache, init_dt_bias, mark_no_weight_decay
 
 
 @dataclass
@@ -113,31 +113,92 @@ class Mamba2(Block):
         self.norm = GatedRMSNorm(self.d_inner, options.ngroups, options.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=options.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SSMCache | None = None,
+        context: TokenContext | None = None,
+    ) -> torch.Tensor:
         opts = self.options
+        length = hidden.shape[1]
+        valid = None if context is None or context.valid is None else context.valid[..., None]
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], -1)
-        xbc = causal_conv1d(
-            xbc.transpose(1, 2),
-            rearrange(self.conv1d.weight, "d 1 w -> d w"),
-            self.conv1d.bias,
-            activation="silu",
-        ).transpose(1, 2)
+        if valid is not None:
+            xbc = xbc * valid  # padding never enters the conv window
+        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        A = -torch.exp(upcast(self.A_log))
         group_width = opts.ngroups * opts.d_state
-        x, B, C = xbc.split([self.d_inner, group_width, group_width], -1)
-        y = ssd_scan(
-            rearrange(x, "b l (h p) -> b l h p", p=opts.headdim),
-            dt,
-            -torch.exp(upcast(self.A_log)),
-            rearrange(B, "b l (g n) -> b l g n", g=opts.ngroups),
-            rearrange(C, "b l (g n) -> b l g n", g=opts.ngroups),
-            chunk_size=opts.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=opts.dt_limit,
+        if cache is not None and length == 1 and valid is None:
+            # One decoding step: the recurrence directly, no chunking.
+            xbc_t, cache.conv_state = causal_conv1d_step(
+                xbc[:, 0], cache.conv_state, conv_weight, self.conv1d.bias, activation="silu"
+            )
+            x, B, C = xbc_t.split([self.d_inner, group_width, group_width], -1)
+            y, cache.ssm_state = ssd_step(
+                cache.ssm_state,
+                rearrange(x, "b (h p) -> b h p", p=opts.headdim),
+                dt[:, 0],
+                A,
+                rearrange(B, "b (g n) -> b g n", g=opts.ngroups),
+                rearrange(C, "b (g n) -> b g n", g=opts.ngroups),
+                D=self.D,
+                dt_bias=self.dt_bias,
+                dt_softplus=True,
+                dt_limit=opts.dt_limit,
+            )
+            y = rearrange(y, "b h p -> b 1 (h p)")
+        else:
+            conv = causal_conv1d(
+                xbc.transpose(1, 2),
+                conv_weight,
+                self.conv1d.bias,
+                activation="silu",
+                initial_state=None if cache is None else cache.conv_state,
+                return_final_state=cache is not None,
+            )
+            if cache is not None:
+                conv, cache.conv_state = conv
+            xbc = conv.transpose(1, 2)
+            dt_args = {"dt_bias": self.dt_bias, "dt_softplus": True, "dt_limit": opts.dt_limit}
+            if valid is not None:
+                xbc = xbc * valid  # the conv bias must not turn padding into input
+                dt = effective_dt(dt, **dt_args) * valid  # dt = 0: padding leaves the state
+                dt_args = {}
+            x, B, C = xbc.split([self.d_inner, group_width, group_width], -1)
+            y = ssd_scan(
+                rearrange(x, "b l (h p) -> b l h p", p=opts.headdim),
+                dt,
+                A,
+                rearrange(B, "b l (g n) -> b l g n", g=opts.ngroups),
+                rearrange(C, "b l (g n) -> b l g n", g=opts.ngroups),
+                chunk_size=opts.chunk_size,
+                D=self.D,
+                initial_state=None if cache is None else cache.ssm_state,
+                return_final_state=cache is not None,
+                **dt_args,
+            )
+            if cache is not None:
+                y, cache.ssm_state = y
+            y = rearrange(y, "b l h p -> b l (h p)")
+        return self.out_proj(self.norm(y, z))
+
+    def allocate_cache(
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
+    ) -> SSMCache:
+        opts = self.options
+        return SSMCache(
+            conv_state=torch.zeros(
+                batch_size, self.conv_dim, opts.d_conv - 1, dtype=dtype, device=device
+            ),
+            ssm_state=torch.zeros(
+                batch_size,
+                self.nheads,
+                opts.headdim,
+                opts.d_state,
+                dtype=torch.promote_types(dtype, torch.float32),
+                device=device,
+            ),
         )
-        y = self.norm(rearrange(y, "b l h p -> b l (h p)"), z)
-        return self.out_proj(y)
 
     @classmethod
     def inference_state_bytes(

@@ -22,7 +22,7 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Angles for ``positions`` (seqlen,) -> cos, sin of shape (seqlen, rotary_dim).
+        """Angles for ``positions`` (..., seqlen) -> cos, sin of shape (..., seqlen, rotary_dim).
 
         Angles are computed in float32 (as transformers does), float64 for float64 inputs.
         """
@@ -31,15 +31,16 @@ class RotaryEmbedding(nn.Module):
             0, self.rotary_dim, 2, dtype=torch.float64, device=positions.device
         )
         inv_freq = (1.0 / self.theta ** (exponents / self.rotary_dim)).to(angle_dtype)
-        angles = positions.to(angle_dtype)[:, None] * inv_freq[None, :]
+        angles = positions.to(angle_dtype).unsqueeze(-1) * inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` (batch, seqlen, heads, head_dim) with cos/sin (seqlen, rotary_dim)."""
+        """Rotate ``x`` (batch, seqlen, heads, head_dim) by cos/sin of shape (seqlen, rotary_dim)
+        or (batch, seqlen, rotary_dim)."""
         rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         half = self.rotary_dim // 2
         rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         rot = rot * cos + rotated_half * sin
         return torch.cat((rot, passthrough), dim=-1) if passthrough.shape[-1] else rot

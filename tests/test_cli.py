@@ -44,12 +44,13 @@ def test_info_table_and_totals(capsys):
         "moe",
     ]
     assert "total parameters:" in out and "active parameters:" in out
-    # attention: 2 (K and V) * 2 kv heads * 16 head_dim * 1000 tokens * 2 bytes (bf16)
-    assert rows[3][-2:] == ["125.0", "KiB"]
+    # attention: 1000 slots * (2 (K and V) * 2 kv heads * 16 head_dim * 2 bytes (bf16) + 8-byte
+    # index + 1-byte valid flag) = 137000 bytes
+    assert rows[3][-2:] == ["133.8", "KiB"]
     # mamba2: conv (128 + 2*16) * 3 * 2 bytes + SSM state 128 * 16 * 4 bytes = 9152 bytes
     assert rows[0][-2:] == ["8.9", "KiB"]
     assert rows[1][-2:] == ["0", "B"]
-    total = 3 * 9152 + 2 * 2 * 16 * 1000 * 2
+    total = 3 * 9152 + 1000 * (2 * 2 * 16 * 2 + 9)
     assert f"({total:,} bytes" in out
 
 
@@ -60,8 +61,8 @@ def test_info_reads_a_recipe(tmp_path, capsys):
     )
     code, out, _ = run(capsys, "info", str(recipe), "--context", "32768")
     assert code == 0 and "mamba1" in out
-    # windowed attention keeps only 64 positions: 2 * 1 head * 32 * 64 * 2 bytes
-    assert "8.0 KiB" in out
+    # windowed attention keeps only 64 slots: 64 * (2 * 1 head * 32 * 2 bytes + 9) = 8768 bytes
+    assert "8.6 KiB" in out
 
 
 @pytest.mark.parametrize(

@@ -4,15 +4,18 @@ Every op has a pure PyTorch path (CPU, reference, differentiable) and dispatches
 mamba-ssm / causal-conv1d CUDA kernels when the tensors are on CUDA and the kernels import.
 """
 
+from ._common import NO_LIMIT, effective_dt
 from .conv import causal_conv1d, causal_conv1d_step
 from .kernels import causal_conv1d_ops, mamba_ssm_ops, use_kernels
 from .selective_scan import selective_scan, selective_scan_step, selective_scan_torch
 from .ssd import ssd_chunked_torch, ssd_scan, ssd_step
 
 __all__ = [
+    "NO_LIMIT",
     "causal_conv1d",
     "causal_conv1d_ops",
     "causal_conv1d_step",
+    "effective_dt",
     "mamba_ssm_ops",
     "selective_scan",
     "selective_scan_step",

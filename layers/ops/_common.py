@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 __all__ = ["clamped_exp", "compute_dtype", "exp_floor"]
 
@@ -63,3 +66,23 @@ def clamped_exp(
         out = x if inplace else x.clone()
         return out.clamp_(min=exp_floor(x.dtype), max=upper).exp_()
     return _ClampedExp.apply(x, upper)
+
+
+NO_LIMIT = (0.0, math.inf)
+
+
+def effective_dt(
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float] = NO_LIMIT,
+) -> torch.Tensor:
+    """The time step the recurrence uses: softplus(dt + dt_bias) (each optional), clamped to
+    ``dt_limit`` unless it is (0, inf). dt (..., channels), dt_bias (channels,)."""
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != NO_LIMIT:
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import clamped_exp, compute_dtype, exp_floor
+from ._common import clamped_exp, compute_dtype, effective_dt, exp_floor
 from .kernels import mamba_ssm_ops, use_kernels
 
 __all__ = ["selective_scan", "selective_scan_step", "selective_scan_torch"]
@@ -29,17 +29,6 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 256
 # Largest number of state elements (batch * chunks * steps * dim * d_state) materialised at once
 # by the differentiable pass 3: keeps temporaries cache-sized.
 _PASS3_BLOCK_ELEMS = 1 << 19
-
-
-def _effective_delta(
-    delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool
-) -> torch.Tensor:
-    """delta (..., dim) -> softplus(delta + delta_bias) (each optional); delta_bias is (dim,)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(delta.dtype)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    return delta
 
 
 def _skip_and_gate(
@@ -198,7 +187,7 @@ def selective_scan_torch(
         # Channels last. contiguous() is free when the caller's tensors are transposed views
         # of (batch, seqlen, dim) activations, as they typically are.
         uf = u.transpose(1, 2).to(dtype).contiguous()
-        dl = _effective_delta(delta.transpose(1, 2).to(dtype), delta_bias, delta_softplus)
+        dl = effective_dt(delta.transpose(1, 2).to(dtype), delta_bias, delta_softplus)
         dl = dl.contiguous()
         du = dl * uf
         Bf, Cf = Bg.to(dtype), Cg.to(dtype)  # (b, g, n, L)
@@ -371,7 +360,7 @@ def selective_scan_step(
     dtype = compute_dtype(state, u, delta, A, B, C)
     with torch.autocast(device_type=u.device.type, enabled=False):
         uf = u.to(dtype)
-        dl = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
+        dl = effective_dt(delta.to(dtype), delta_bias, delta_softplus)
         decay = clamped_exp(dl.unsqueeze(-1) * A.to(dtype), inplace=True)  # (b, d, n)
         inp = (dl * uf).view(batch, ngroups, rep, 1) * Bg.to(dtype).unsqueeze(2)
         new_state = torch.addcmul(inp.view(batch, dim, d_state), decay, state.to(dtype))

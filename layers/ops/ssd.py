@@ -20,17 +20,14 @@ slower.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from ._common import clamped_exp, compute_dtype, exp_floor
+from ._common import NO_LIMIT, clamped_exp, compute_dtype, effective_dt, exp_floor
 from .kernels import mamba_ssm_ops, use_kernels
 
 __all__ = ["ssd_chunked_torch", "ssd_scan", "ssd_step"]
 
-_NO_LIMIT = (0.0, math.inf)
 # The chunk size changes only the speed, never the result. The PyTorch path's (Q, Q) work per
 # head makes chunks above 128 slower on CPU (1.3-3x at 256, measured), so the dispatcher caps
 # them there; the Triton kernel keeps the configured size.
@@ -39,22 +36,6 @@ TORCH_MAX_CHUNK = 128
 # factorised within-chunk path is used: its factors exp(+-range / 2) stay far from overflow and
 # underflow (float32: e^30 ~ 1e13). Heads with faster decay take the segment-sum path.
 _FACTOR_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
-
-
-def _effective_dt(
-    dt: torch.Tensor,
-    dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float],
-) -> torch.Tensor:
-    """dt (..., nheads) -> softplus(dt + dt_bias) (optional) clamped to dt_limit (optional)."""
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != _NO_LIMIT:
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    return dt
 
 
 def _skip_and_gate(
@@ -267,7 +248,7 @@ def ssd_chunked_torch(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = _NO_LIMIT,
+    dt_limit: tuple[float, float] = NO_LIMIT,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +268,7 @@ def ssd_chunked_torch(
 
     with torch.autocast(device_type=x.device.type, enabled=False):
         xf = x.to(dtype)
-        dtf = _effective_dt(dt.to(dtype), dt_bias, dt_softplus, dt_limit)
+        dtf = effective_dt(dt.to(dtype), dt_bias, dt_softplus, dt_limit)
         dA = dtf * A.to(dtype)
         # Same number of chunks as chunk_size gives, but balanced lengths: less tail padding
         # and no (chunk_size x chunk_size) work for sequences shorter than one chunk.
@@ -337,7 +318,7 @@ def ssd_scan(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = _NO_LIMIT,
+    dt_limit: tuple[float, float] = NO_LIMIT,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +388,7 @@ def ssd_step(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = _NO_LIMIT,
+    dt_limit: tuple[float, float] = NO_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of :func:`ssd_scan` (functional: ``state`` is not modified).
 
@@ -428,7 +409,7 @@ def ssd_step(
     dtype = compute_dtype(state, x, dt, A, B, C)
     with torch.autocast(device_type=x.device.type, enabled=False):
         xf = x.to(dtype)
-        dtf = _effective_dt(dt.to(dtype), dt_bias, dt_softplus, dt_limit)
+        dtf = effective_dt(dt.to(dtype), dt_bias, dt_softplus, dt_limit)
         decay = _decay(dtf * A.to(dtype)).view(batch, nheads, 1, 1)
         xdt = (xf * dtf.unsqueeze(-1)).view(batch, ngroups, rep, headdim, 1)
         inp = (xdt * B.to(dtype).view(batch, ngroups, 1, 1, d_state)).view_as(state)

@@ -1,0 +1,78 @@
+"""``HybridCache``: one inference cache for every layer type.
+
+It holds a typed entry per sublayer — attention keys/values (a ring buffer for sliding
+windows), conv + SSM state for Mamba layers, nothing for feed-forwards — and the timeline
+they share. Each block allocates and updates its own entry; this object only holds them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layers.base import CacheEntry
+
+
+class HybridCache:
+    """The inference state of a batch of sequences for one :class:`hybrid.HybridLM`.
+
+    Attributes:
+        entries: one per sublayer, None for stateless blocks.
+        batch_size, max_seqlen: the capacity it was allocated for.
+        length: tokens consumed so far by every row (left padding included).
+        real_lengths: (batch,) int64, real (non-padding) tokens consumed by each row.
+        fingerprint: the model config's fingerprint; a cache only fits the model it came from.
+    """
+
+    def __init__(
+        self,
+        entries: list[CacheEntry | None],
+        *,
+        batch_size: int,
+        max_seqlen: int,
+        fingerprint: str,
+        device: torch.device,
+    ) -> None:
+        self.entries = entries
+        self.batch_size = batch_size
+        self.max_seqlen = max_seqlen
+        self.fingerprint = fingerprint
+        self.length = 0
+        self.real_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all entries."""
+        return sum(self.layer_nbytes())
+
+    def layer_nbytes(self) -> list[int]:
+        """Bytes held by each sublayer's entry (0 for stateless blocks)."""
+        return [0 if entry is None else entry.nbytes for entry in self.entries]
+
+    def advance(self, n_tokens: int, valid: torch.Tensor | None) -> None:
+        """Record that ``n_tokens`` more tokens (``valid`` (batch, n) marks real ones) went in."""
+        self.length += n_tokens
+        self.real_lengths += n_tokens if valid is None else valid.sum(1)
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Keep and reorder batch rows (beam search reorder, dropping finished sequences).
+
+        indices: (new_batch,) int64 row indices, repeats allowed.
+        """
+        for entry in self.entries:
+            if entry is not None:
+                entry.select(indices)
+        self.real_lengths = self.real_lengths.index_select(0, indices.to(self.real_lengths.device))
+        self.batch_size = int(indices.numel())
+
+    def copy(self) -> HybridCache:
+        """A deep copy (tensors cloned)."""
+        clone = HybridCache(
+            [None if e is None else e.copy() for e in self.entries],
+            batch_size=self.batch_size,
+            max_seqlen=self.max_seqlen,
+            fingerprint=self.fingerprint,
+            device=self.real_lengths.device,
+        )
+        clone.length = self.length
+        clone.real_lengths = self.real_lengths.clone()
+        return clone
