@@ -251,6 +251,18 @@ class HybridLM(nn.Module):
         logits = self.lm_head(self.final_norm(hidden))
         return HybridOutput(logits, aux_loss, router_stats)
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """The prompt followed by new tokens; see :func:`hybrid.generate.generate`."""
+        from hybrid.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **options):
+        """Yield new tokens step by step; see :func:`hybrid.generate.stream`."""
+        from hybrid.generate import stream
+
+        yield from stream(self, input_ids, max_new_tokens, **options)
+
     def num_parameters(self, *, active: bool = False, embeddings: bool = True) -> int:
         """Parameter count; ``active`` counts only top-k experts of MoE blocks.
 
