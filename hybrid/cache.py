@@ -7,9 +7,21 @@ they share. Each block allocates and updates its own entry; this object only hol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from layers.base import CacheEntry
+
+
+@dataclass
+class CacheCheckpoint:
+    """A point :meth:`HybridCache.rollback` can return to."""
+
+    length: int
+    real_lengths: torch.Tensor
+    batch_size: int
+    entries: list[CacheEntry | None]
 
 
 class HybridCache:
@@ -63,6 +75,29 @@ class HybridCache:
                 entry.select(indices)
         self.real_lengths = self.real_lengths.index_select(0, indices.to(self.real_lengths.device))
         self.batch_size = int(indices.numel())
+
+    def checkpoint(self) -> CacheCheckpoint:
+        """Remember the current state, so tokens fed afterwards can be rolled back.
+
+        Costs a copy of the SSM states and sliding-window rings (small, bounded by the window),
+        nothing for full-attention KV.
+        """
+        return CacheCheckpoint(
+            length=self.length,
+            real_lengths=self.real_lengths.clone(),
+            batch_size=self.batch_size,
+            entries=[None if e is None else e.checkpoint() for e in self.entries],
+        )
+
+    def rollback(self, checkpoint: CacheCheckpoint) -> None:
+        """Forget every token fed since ``checkpoint`` (attention lengths and SSM states)."""
+        if checkpoint.batch_size != self.batch_size:
+            raise ValueError("checkpoint: taken before the cache's rows were selected")
+        for entry, saved in zip(self.entries, checkpoint.entries, strict=True):
+            if entry is not None:
+                entry.rollback(saved)
+        self.length = checkpoint.length
+        self.real_lengths = checkpoint.real_lengths.clone()
 
     def copy(self) -> HybridCache:
         """A deep copy (tensors cloned)."""

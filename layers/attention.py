@@ -208,6 +208,12 @@ class KVCache(CacheEntry):
     valid: torch.Tensor
     window: int | None = None
 
+    def checkpoint(self) -> KVCache | None:
+        # Full attention needs nothing: after a rollback the next call overwrites the slots
+        # from the restored length on before it reads up to its own end, so stale slots are
+        # never seen. A ring overwrites old keys that a rollback must bring back.
+        return None if self.window is None else self.copy()
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: TokenContext
     ) -> torch.Tensor:
@@ -222,6 +228,7 @@ class KVCache(CacheEntry):
             if context.valid is not None
             else torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
         )
+        k, v = k.to(self.keys.dtype), v.to(self.values.dtype)  # the cache may be narrower
         if self.window is None:
             end = start + n
             self.keys[:, :, start:end] = k
@@ -243,8 +250,8 @@ class KVCache(CacheEntry):
             self.valid[:, slots] = new_valid[:, kept]
         return masked_attention(
             q,
-            keys,
-            values,
+            keys.to(q.dtype),
+            values.to(q.dtype),
             query_index=new_index,
             key_index=key_index,
             key_valid=key_valid,

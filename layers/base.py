@@ -63,6 +63,16 @@ class CacheEntry:
         """A deep copy (tensors cloned)."""
         return dataclasses.replace(self, **{k: t.clone() for k, t in self.tensors().items()})
 
+    def checkpoint(self) -> CacheEntry | None:
+        """What :meth:`rollback` needs to undo the tokens fed after this call (a copy here)."""
+        return self.copy()
+
+    def rollback(self, saved: CacheEntry | None) -> None:
+        """Return to the state :meth:`checkpoint` saved."""
+        if saved is not None:
+            for name, tensor in saved.tensors().items():
+                setattr(self, name, tensor.clone())
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors into this entry, checking names, shapes and dtypes."""
         own = self.tensors()

@@ -132,7 +132,8 @@ class Mamba1(Block):
                 return_final_state=cache is not None,
             )
             if cache is not None:
-                conv, cache.conv_state = conv
+                conv, conv_state = conv
+                cache.conv_state = conv_state.to(cache.conv_state.dtype)
             x = conv.transpose(1, 2)  # (b, l, d_inner)
             if valid is not None:
                 x = x * valid  # the conv bias must not turn padding into input

@@ -157,7 +157,8 @@ class Mamba2(Block):
                 return_final_state=cache is not None,
             )
             if cache is not None:
-                conv, cache.conv_state = conv
+                conv, conv_state = conv
+                cache.conv_state = conv_state.to(cache.conv_state.dtype)
             xbc = conv.transpose(1, 2)
             dt_args = {"dt_bias": self.dt_bias, "dt_softplus": True, "dt_limit": opts.dt_limit}
             if valid is not None:

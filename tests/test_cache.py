@@ -188,3 +188,18 @@ def test_state_stays_float32_under_bf16_autocast_decoding():
             steps = [model(ids[:, i : i + 1], cache=cache).logits for i in range(6, 12)]
     assert cache.entries[0].ssm_state.dtype == torch.float32
     assert relative_error(torch.cat(steps, 1).float(), full[:, 6:]) < 0.05
+
+
+def test_a_narrower_cache_dtype_than_the_model():
+    torch.manual_seed(5)
+    model = HybridLM(HybridConfig(["M", "*", WINDOWED, "S"], **BASE)).eval()
+    ids = torch.randint(0, 40, (1, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache16 = model.allocate_cache(1, 12, dtype=torch.bfloat16)
+        low = torch.cat([model(ids[:, :7], cache=cache16).logits,
+                         model(ids[:, 7:], cache=cache16).logits], 1)  # fmt: skip
+    assert cache16.entries[1].keys.dtype == torch.bfloat16
+    assert cache16.entries[0].conv_state.dtype == torch.bfloat16
+    assert cache16.entries[0].ssm_state.dtype == torch.float32
+    assert relative_error(low, full) < 0.02
