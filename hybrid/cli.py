@@ -27,7 +27,48 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--d-model", type=int, default=None, help="width (pattern only; default 512)")
     info.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 32000)")
     info.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="cache dtype")
+    generate = commands.add_parser(
+        "generate",
+        help="stream a continuation of a prompt from a checkpoint",
+        description="Load a checkpoint directory (config.json + model.safetensors, and "
+        "tokenizer.json if present, else byte-level) and stream a continuation of --prompt.",
+    )
+    generate.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--device", default="cpu")
     return parser
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from hybrid.checkpoint import load_pretrained
+    from hybrid.sampling import SamplingConfig
+    from hybrid.tokenizer import load_tokenizer
+
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    model = load_pretrained(args.checkpoint, device=args.device)
+    tokenizer = load_tokenizer(args.checkpoint)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt: empty after tokenization")
+    input_ids = torch.tensor([ids], device=args.device)
+    decoder = tokenizer.decoder()
+    print(args.prompt, end="", flush=True)
+    for token in model.stream(input_ids, args.max_new_tokens, sampling=sampling, seed=args.seed):
+        print(decoder.feed(int(token[0])), end="", flush=True)
+    print()
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -51,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *leftover]
     try:
-        {"info": run_info}[args.command](args)
+        {"info": run_info, "generate": run_generate}[args.command](args)
     except ValueError as error:
         print(f"hybrid {args.command}: error: {error}", file=sys.stderr)
         return 2
