@@ -203,3 +203,17 @@ def test_a_narrower_cache_dtype_than_the_model():
     assert cache16.entries[0].conv_state.dtype == torch.bfloat16
     assert cache16.entries[0].ssm_state.dtype == torch.float32
     assert relative_error(low, full) < 0.02
+
+
+def test_a_single_left_padded_row_equals_no_padding():
+    # transformers once skipped padding handling at batch size 1.
+    torch.manual_seed(6)
+    model = HybridLM(HybridConfig("M-S*-E", **BASE)).eval()
+    seq = [4, 8, 15, 16, 23, 42 % 40]
+    ids, mask = left_pad([seq, [1] * 9])
+    with torch.no_grad():
+        padded = model(ids[:1], attention_mask=mask[:1]).logits[0, -len(seq) :]
+        alone = model(torch.tensor([seq])).logits[0]
+        out = model.generate(ids[:1], 5, attention_mask=mask[:1])
+    assert relative_error(padded, alone) < 1e-4
+    assert out[0, ids.shape[1] :].tolist() == model.generate(torch.tensor([seq]), 5)[0, 6:].tolist()
