@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hybrid.cache import HybridCache
+from hybrid.cache import HybridCache, token_context
 from hybrid.config import HybridConfig
 from layers.base import Block, BlockOutput, CacheEntry, TokenContext
 from layers.moe import Experts
@@ -162,64 +162,6 @@ class HybridLM(nn.Module):
             device=device,
         )
 
-    def token_context(
-        self,
-        input_ids: torch.Tensor,
-        cache: HybridCache | None,
-        attention_mask: torch.Tensor | None,
-    ) -> TokenContext | None:
-        """Positions and padding of the new tokens; None when they are plain 0..n-1, no pads.
-
-        Raises:
-            ValueError: a cache of another batch size or too short for the new tokens, or an
-                attention mask that is not left padding.
-        """
-        if cache is None and attention_mask is None:
-            return None
-        batch, n = input_ids.shape
-        start = 0 if cache is None else cache.length
-        if cache is not None:
-            if batch != cache.batch_size:
-                raise ValueError(
-                    f"input_ids: batch size {batch} does not match the cache's {cache.batch_size}"
-                )
-            if start + n > cache.max_seqlen:
-                raise ValueError(
-                    f"input_ids: {n} new tokens after {start} cached exceed the cache's "
-                    f"max_seqlen={cache.max_seqlen}"
-                )
-        valid = None
-        if attention_mask is not None:
-            if attention_mask.dim() == 2 and attention_mask.shape[1] == start + n and start:
-                attention_mask = attention_mask[:, start:]  # a mask over the whole sequence
-            if attention_mask.shape != (batch, n):
-                raise ValueError(
-                    f"attention_mask: expected shape ({batch}, {n}) (or ({batch}, {start + n})); "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-            seen_real = cache is not None and bool((cache.real_lengths > 0).any())
-            steps = valid[:, 1:].int() - valid[:, :-1].int()
-            if bool((steps < 0).any()) or (
-                seen_real and not bool(valid[cache.real_lengths > 0].all())
-            ):
-                raise ValueError(
-                    "attention_mask: only left padding is supported (zeros before a row's first "
-                    "real token, none after it)"
-                )
-            if bool(valid.all()):
-                valid = None
-        prior = (
-            torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-            if cache is None
-            else cache.real_lengths
-        )
-        if valid is None:
-            positions = prior[:, None] + torch.arange(n, device=input_ids.device)
-        else:
-            positions = (prior[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
-        return TokenContext(start=start, positions=positions, valid=valid)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -235,7 +177,7 @@ class HybridLM(nn.Module):
         enters conv or SSM state, is never attended to, and does not advance positions.
         """
         self.check_token_ids(input_ids)
-        context = self.token_context(input_ids, cache, attention_mask)
+        context = token_context(input_ids, cache, attention_mask)
         hidden = self.embedding(input_ids)
         aux_loss, router_stats = None, {}
         for index, sublayer in enumerate(self.sublayers):
