@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import causal_conv1d_ops, use_kernels
+from .kernels import causal_conv1d_ops, needs_autograd, use_kernels
 
 __all__ = ["causal_conv1d", "causal_conv1d_step"]
 
 # causal-conv1d only compiles kernels for these filter widths.
 _KERNEL_WIDTHS = (2, 3, 4)
+# ... and these input and weight dtypes.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_activation(activation: str | None) -> bool:
@@ -125,6 +127,10 @@ def causal_conv1d_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of :func:`causal_conv1d`.
 
+    On CUDA, without autograd, for widths 2-4, with x and conv_state of one dtype (float32,
+    float16 or bfloat16) and bias of the weight's dtype, this calls causal-conv1d's
+    ``causal_conv1d_update`` on a copy of ``conv_state``.
+
     Args:
         x: (batch, dim), the new input.
         conv_state: (batch, dim, width - 1), the previous ``width - 1`` inputs (not modified).
@@ -133,11 +139,33 @@ def causal_conv1d_step(
         activation: None or "silu".
 
     Returns:
-        y: (batch, dim) in x's dtype, new_state: (batch, dim, width - 1) in conv_state's dtype.
+        y: (batch, dim) in x's dtype, new_state: (batch, dim, width - 1) in conv_state's dtype,
+        a new tensor.
     """
     silu = _check_activation(activation)
-    # Functional on purpose (no in-place state update), so the step is autograd- and
-    # graph-capture friendly; the window is tiny, the kernel would buy little here.
+    if (
+        weight.shape[1] in _KERNEL_WIDTHS
+        and x.dtype == conv_state.dtype
+        and x.dtype in _KERNEL_DTYPES
+        and weight.dtype in _KERNEL_DTYPES
+        and (bias is None or bias.dtype == weight.dtype)
+        and use_kernels(x, conv_state, weight, bias)
+        and not needs_autograd(x, conv_state, weight, bias)
+    ):
+        ops = causal_conv1d_ops()
+        if ops is not None:
+            # causal-conv1d >= 1.4 accepts any state length >= width - 1 (older versions
+            # wanted exactly width columns) and shifts the state in place.
+            new_state = conv_state.clone()
+            y = ops.causal_conv1d_update(
+                x,
+                new_state,
+                weight,
+                None if bias is None else bias.contiguous(),
+                "silu" if silu else None,
+            )
+            return y, new_state
+    # Functional (no in-place state update), so the step is autograd-friendly.
     window = torch.cat([conv_state.to(weight.dtype), x.to(weight.dtype).unsqueeze(-1)], dim=-1)
     y = torch.einsum("bdw,dw->bd", window, weight)
     if bias is not None:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-__all__ = ["causal_conv1d_ops", "mamba_ssm_ops", "use_kernels"]
+__all__ = ["causal_conv1d_ops", "mamba_ssm_ops", "needs_autograd", "use_kernels"]
 
 _DISABLE_ENV = "HYBRID_DISABLE_KERNELS"
 
@@ -64,3 +64,13 @@ def use_kernels(*tensors: torch.Tensor | None) -> bool:
         return False
     present = [t for t in tensors if t is not None]
     return bool(present) and all(t.is_cuda for t in present)
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True if autograd would record ops on any of the given tensors.
+
+    The one-token update kernels (``selective_state_update``, ``causal_conv1d_update``) are
+    plain functions without a backward, so the step functions only call them when this is
+    False (inference: ``torch.no_grad`` / ``torch.inference_mode``, or no input requiring grad).
+    """
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

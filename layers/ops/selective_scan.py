@@ -16,12 +16,13 @@ with O(L * dim * d_state) work.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from ._common import clamped_exp, compute_dtype, effective_dt, exp_floor
-from .kernels import mamba_ssm_ops, use_kernels
+from .kernels import mamba_ssm_ops, needs_autograd, use_kernels
 
 __all__ = ["selective_scan", "selective_scan_step", "selective_scan_torch"]
 
@@ -341,6 +342,9 @@ def selective_scan_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of :func:`selective_scan` (functional: ``state`` is not modified).
 
+    On CUDA, without autograd and with no float64 input, this calls mamba_ssm's
+    ``selective_state_update`` on a copy of ``state``.
+
     Args:
         state: (batch, dim, d_state), float32 (or float64).
         u, delta: (batch, dim); z: (batch, dim) or None.
@@ -349,8 +353,19 @@ def selective_scan_step(
         D, delta_bias, delta_softplus: as in :func:`selective_scan`.
 
     Returns:
-        y: (batch, dim) in u's dtype, new_state: like ``state`` (same dtype).
+        y: (batch, dim) in u's dtype, new_state: like ``state`` (same dtype), a new tensor.
     """
+    tensors = (state, u, delta, A, B, C, D, z, delta_bias)
+    if (
+        use_kernels(*tensors)
+        and compute_dtype(*tensors) == torch.float32
+        and not needs_autograd(*tensors)
+    ):
+        ops = mamba_ssm_ops()
+        if ops is not None:
+            return _selective_scan_step_kernel(
+                ops, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus
+            )
     batch, dim = u.shape
     d_state = A.shape[-1]
     Bg = B.unsqueeze(1) if B.dim() == 2 else B
@@ -368,3 +383,56 @@ def selective_scan_step(
         y = torch.matmul(grouped, Cg.to(dtype).unsqueeze(-1)).view(batch, dim)
         y = _skip_and_gate(y, uf, D, z).to(u.dtype)
     return y, new_state.to(state.dtype)
+
+
+def _selective_scan_step_kernel(
+    ops: SimpleNamespace,
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_scan_step` through ``selective_state_update``.
+
+    Shared B/C use the kernel's single-head form: state (batch, dim, d_state), u/delta/z
+    (batch, dim), A (dim, d_state), B/C (batch, d_state), D/delta_bias (dim,). Grouped B/C
+    (batch, ngroups, d_state) use the multi-head form with one "head" per group: state
+    (batch, ngroups, dim // ngroups, d_state), and so on; the state is a view of the copy.
+    """
+    batch, dim = u.shape
+    d_state = A.shape[-1]
+    # Some mamba_ssm 2.x releases raise a TypeError for D=None or dt_bias=None (their stride
+    # arguments unpack ``*... else 0``); zeros are exact no-ops.
+    if D is None:
+        D = u.new_zeros(dim)
+    if delta_bias is None:
+        delta_bias = delta.new_zeros(dim)
+    # The kernel updates its state argument in place; contiguous so that it can be viewed.
+    new_state = state.clone(memory_format=torch.contiguous_format)
+    A = A.float()
+    if B.dim() == 2:
+        y = ops.selective_state_update(
+            new_state, u, delta, A, B, C, D=D, z=z, dt_bias=delta_bias, dt_softplus=delta_softplus
+        )
+        return y, new_state
+    ngroups = B.shape[1]
+    heads = (batch, ngroups, dim // ngroups)
+    y = ops.selective_state_update(
+        new_state.view(*heads, d_state),
+        u.reshape(heads),
+        delta.reshape(heads),
+        A.reshape(*heads[1:], d_state),
+        B,
+        C,
+        D=D.reshape(heads[1:]),
+        z=None if z is None else z.reshape(heads),
+        dt_bias=delta_bias.reshape(heads[1:]),
+        dt_softplus=delta_softplus,
+    )
+    return y.reshape(batch, dim), new_state

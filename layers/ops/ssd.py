@@ -20,11 +20,13 @@ slower.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
 from ._common import NO_LIMIT, clamped_exp, compute_dtype, effective_dt, exp_floor
-from .kernels import mamba_ssm_ops, use_kernels
+from .kernels import mamba_ssm_ops, needs_autograd, use_kernels
 
 __all__ = ["ssd_chunked_torch", "ssd_scan", "ssd_step"]
 
@@ -392,6 +394,9 @@ def ssd_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of :func:`ssd_scan` (functional: ``state`` is not modified).
 
+    On CUDA, without autograd, with dt_limit = (0, inf) and no float64 input, this calls
+    mamba_ssm's ``selective_state_update`` (which has no dt_limit clamp) on a copy of ``state``.
+
     Args:
         state: (batch, nheads, headdim, d_state), float32 (or float64).
         x: (batch, nheads, headdim).
@@ -401,8 +406,19 @@ def ssd_step(
         D, z, dt_bias, dt_softplus, dt_limit: as in :func:`ssd_scan`; z is (batch, nheads, headdim).
 
     Returns:
-        y: (batch, nheads, headdim) in x's dtype, new_state: like ``state`` (same dtype).
+        y: (batch, nheads, headdim) in x's dtype, new_state: like ``state`` (same dtype), a new
+        tensor.
     """
+    tensors = (state, x, dt, A, B, C, D, z, dt_bias)
+    if (
+        tuple(dt_limit) == NO_LIMIT
+        and use_kernels(*tensors)
+        and compute_dtype(*tensors) == torch.float32
+        and not needs_autograd(*tensors)
+    ):
+        ops = mamba_ssm_ops()
+        if ops is not None:
+            return _ssd_step_kernel(ops, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     batch, nheads, headdim = x.shape
     ngroups, d_state = B.shape[-2:]
     rep = nheads // ngroups
@@ -418,3 +434,47 @@ def ssd_step(
         y = torch.matmul(grouped, C.to(dtype).unsqueeze(-1)).view(batch, nheads, headdim)
         y = _skip_and_gate(y, xf, D, z).to(x.dtype)
     return y, new_state.to(state.dtype)
+
+
+def _ssd_step_kernel(
+    ops: SimpleNamespace,
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ssd_step` through ``selective_state_update`` in its multi-head form.
+
+    Per-head scalars are broadcast over headdim (and d_state) with stride-0 expands, as
+    mamba_ssm's ``Mamba2.step`` does: the kernel detects them and loads one dt and A per head.
+    Shapes passed: state (batch, nheads, headdim, d_state), x/dt/z (batch, nheads, headdim),
+    A (nheads, headdim, d_state), B/C (batch, ngroups, d_state), D/dt_bias (nheads, headdim).
+    """
+    batch, nheads, headdim = x.shape
+    d_state = state.shape[-1]
+    # Some mamba_ssm 2.x releases raise a TypeError for D=None or dt_bias=None (their stride
+    # arguments unpack ``*... else 0``); zeros are exact no-ops.
+    if D is None:
+        D = x.new_zeros(nheads)
+    if dt_bias is None:
+        dt_bias = dt.new_zeros(nheads)
+    new_state = state.clone()  # the kernel updates its state argument in place
+    y = ops.selective_state_update(
+        new_state,
+        x,
+        dt.unsqueeze(-1).expand(batch, nheads, headdim),
+        A.float().view(nheads, 1, 1).expand(nheads, headdim, d_state),
+        B,
+        C,
+        D=D.unsqueeze(-1).expand(nheads, headdim) if D.dim() == 1 else D,
+        z=z,
+        dt_bias=dt_bias.unsqueeze(-1).expand(nheads, headdim),
+        dt_softplus=dt_softplus,
+    )
+    return y, new_state
