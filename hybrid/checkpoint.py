@@ -92,3 +92,24 @@ def load_pretrained(
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(
+    directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> HybridLM:
+    """A model from either of our checkpoint directories or a transformers one.
+
+    A ``config.json`` with a ``model_type`` key is a transformers directory (converted with
+    :func:`hybrid.convert.from_hf`); otherwise it is ours (:func:`load_pretrained`).
+    """
+    config_path = Path(directory) / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            is_hf = "model_type" in json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            is_hf = False  # load_pretrained reports the bad JSON
+        if is_hf:
+            from hybrid.convert import from_hf
+
+            return from_hf(directory, dtype=dtype).to(device)
+    return load_pretrained(directory, device=device, dtype=dtype)

@@ -43,11 +43,38 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--device", default="cpu")
+    convert = commands.add_parser(
+        "convert",
+        help="convert between transformers model directories and ours",
+        description="--from-hf DIR: a transformers directory (llama, mamba2, bamba, jamba, "
+        "nemotron_h) to our checkpoint; --to-hf DIR --model-type TYPE: ours to transformers.",
+    )
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="DIR", help="transformers model directory")
+    direction.add_argument("--to-hf", metavar="DIR", help="our checkpoint directory")
+    convert.add_argument("--model-type", help="transformers model type (with --to-hf)")
+    convert.add_argument("--out", required=True, help="directory to write")
     return parser
 
 
+def run_convert(args: argparse.Namespace) -> None:
+    from hybrid.checkpoint import load_pretrained, save_pretrained
+    from hybrid.convert import copy_tokenizer, from_hf, to_hf
+
+    if args.from_hf:
+        save_pretrained(from_hf(args.from_hf), args.out)
+        copy_tokenizer(args.from_hf, args.out)
+        print(f"wrote {args.out} (config.json, model.safetensors)")
+        return
+    if not args.model_type:
+        raise ValueError("--model-type: required with --to-hf (e.g. bamba)")
+    to_hf(load_pretrained(args.to_hf), args.out, args.model_type)
+    copy_tokenizer(args.to_hf, args.out)
+    print(f"wrote {args.out} ({args.model_type}: config.json, model.safetensors)")
+
+
 def run_generate(args: argparse.Namespace) -> None:
-    from hybrid.checkpoint import load_pretrained
+    from hybrid.checkpoint import load_model
     from hybrid.sampling import SamplingConfig
     from hybrid.tokenizer import load_tokenizer
 
@@ -58,7 +85,7 @@ def run_generate(args: argparse.Namespace) -> None:
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
     )
-    model = load_pretrained(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(args.checkpoint)
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -92,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *leftover]
     try:
-        {"info": run_info, "generate": run_generate}[args.command](args)
+        commands = {"info": run_info, "generate": run_generate, "convert": run_convert}
+        commands[args.command](args)
     except ValueError as error:
         print(f"hybrid {args.command}: error: {error}", file=sys.stderr)
         return 2

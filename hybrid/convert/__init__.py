@@ -1,0 +1,78 @@
+"""Hugging Face interop: load transformers checkpoints as HybridLM and write them back.
+
+``from_hf(directory)`` reads a directory written by transformers' ``save_pretrained``
+(config.json plus safetensors) for the model types in :data:`CONVERTERS`; ``to_hf(model,
+directory, model_type)`` writes one that transformers loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from hybrid.convert.common import Converter, read_hf_config, read_hf_weights, write_hf
+from hybrid.model import HybridLM
+
+# model_type -> module of hybrid.convert implementing Converter
+CONVERTERS = {
+    "llama": "llama",
+    "mamba2": "mamba2",
+    "bamba": "bamba",
+    "jamba": "jamba",
+    "nemotron_h": "nemotron_h",
+}
+
+
+def converter(model_type: str) -> Converter:
+    """The converter module for a transformers ``model_type``."""
+    if model_type not in CONVERTERS:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(CONVERTERS)}"
+        )
+    return importlib.import_module(f"hybrid.convert.{CONVERTERS[model_type]}")
+
+
+def from_hf(directory: str | Path, *, dtype: torch.dtype | None = None) -> HybridLM:
+    """A HybridLM with the weights of a transformers model directory.
+
+    Raises:
+        ValueError: one line naming an unsupported model type or config option, or a missing
+            or unreadable file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such directory")
+    hf = read_hf_config(directory)
+    module = converter(hf.get("model_type", "<missing>"))
+    config = module.config_from_hf(hf)
+    state = module.weights_from_hf(read_hf_weights(directory), hf, config)
+    model = HybridLM(config)
+    if config.tie_embeddings:
+        state.setdefault("lm_head.weight", state["embedding.weight"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory}: weights do not map onto the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    return model.to(dtype=dtype).eval() if dtype else model.eval()
+
+
+def to_hf(model: HybridLM, directory: str | Path, model_type: str) -> None:
+    """Write ``model`` as a transformers ``model_type`` directory (with tokenizer.json if the
+    model was loaded from a directory that had one is up to the caller)."""
+    module = converter(model_type)
+    hf = module.config_to_hf(model.config)
+    state = module.weights_to_hf(dict(model.state_dict()), model.config)
+    write_hf(Path(directory), hf, state)
+
+
+def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
+    """Copy tokenizer files (tokenizer.json and its configs) between model directories."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = Path(source) / name
+        if path.is_file():
+            shutil.copy(path, Path(destination) / name)

@@ -1,0 +1,199 @@
+"""Side by side with transformers: the same random weights in both frameworks, one machine.
+
+For a Bamba-like, a Jamba-like and a Nemotron-H-like config of about 10 M parameters this
+measures prefill tokens/s at L = 1024 and 4096, a training step (forward + backward) tokens/s,
+decode ms/token after a 1024-token prompt, and peak memory. The transformers model is built
+with random weights, saved, and loaded into hybrid with ``hybrid.convert.from_hf``, so both
+compute the same function. Every path is warmed up before timing; times are medians. Each
+(config, framework) pair runs in its own process so that its peak RSS is its own.
+
+Usage: python scripts/bench_vs_hf.py [--configs bamba jamba nemotron_h] [--repeats 3]
+Writes docs/bench_vs_hf.json and the table in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+VOCAB = 1024
+
+
+def hf_config(name: str):
+    """A ~10 M-parameter transformers config of each family."""
+    from transformers import BambaConfig, JambaConfig, NemotronHConfig
+
+    if name == "bamba":
+        return BambaConfig(
+            vocab_size=VOCAB, hidden_size=256, num_hidden_layers=8, intermediate_size=768,
+            num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[3],
+            mamba_n_heads=8, mamba_d_head=64, mamba_d_state=64, mamba_n_groups=1,
+            mamba_chunk_size=256, tie_word_embeddings=True,
+        )  # fmt: skip
+    if name == "jamba":
+        return JambaConfig(
+            vocab_size=VOCAB, hidden_size=256, num_hidden_layers=8, intermediate_size=512,
+            num_attention_heads=4, num_key_value_heads=2, attn_layer_period=8,
+            attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=4,
+            num_experts_per_tok=2, mamba_d_state=16, mamba_expand=2, tie_word_embeddings=True,
+            use_mamba_kernels=False,
+        )  # fmt: skip
+    if name == "nemotron_h":
+        return NemotronHConfig(
+            vocab_size=VOCAB, hidden_size=256, num_hidden_layers=12,
+            layers_block_type=["mamba", "mlp", "mamba", "mlp", "mamba", "attention", "mlp",
+                               "mamba", "mlp", "mamba", "mlp", "mamba"],
+            intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            mamba_num_heads=8, mamba_head_dim=64, ssm_state_size=64, n_groups=1, chunk_size=256,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+    raise ValueError(f"--configs: unknown config {name!r}; choose bamba, jamba, nemotron_h")
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # first calls are several times slower
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, framework: str, repeats: int) -> dict:
+    """All measurements of one framework on one config (run in a child process)."""
+    from transformers import AutoModelForCausalLM
+
+    from hybrid.convert import from_hf
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        AutoModelForCausalLM.from_config(hf_config(name)).save_pretrained(directory)
+        model = (
+            AutoModelForCausalLM.from_pretrained(directory)
+            if framework == "transformers"
+            else from_hf(directory)
+        )
+    model = model.float()
+    params = sum(p.numel() for p in model.parameters())
+    ids = {length: torch.randint(0, VOCAB, (1, length)) for length in (1024, 4096)}
+    result: dict = {"parameters": params}
+    model.eval()
+    with torch.inference_mode():
+        for length, prompt in ids.items():
+            seconds = median_seconds(lambda p=prompt: model(p), repeats)
+            result[f"prefill_{length}_tokens_per_s"] = length / seconds
+
+        def generate(new_tokens: int) -> None:
+            if framework == "transformers":
+                model.generate(ids[1024], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)  # fmt: skip
+            else:
+                model.generate(ids[1024], new_tokens)
+
+        short = median_seconds(lambda: generate(1), repeats)
+        long = median_seconds(lambda: generate(33), repeats)
+        result["decode_ms_per_token"] = (long - short) / 32 * 1000
+    model.train()
+    batch = torch.randint(0, VOCAB, (4, 512))
+
+    def train_step() -> None:
+        logits = model(batch).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()
+        )
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    result["train_tokens_per_s"] = batch.numel() / median_seconds(train_step, repeats)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+TARGETS = {  # hybrid / transformers, from the issue
+    "prefill_1024_tokens_per_s": {"bamba": 2, "nemotron_h": 2, "jamba": 3},
+    "prefill_4096_tokens_per_s": {"bamba": 2, "nemotron_h": 2, "jamba": 3},
+    "train_tokens_per_s": {"bamba": 1.5, "nemotron_h": 1.5, "jamba": 1.5},
+    "decode_ms_per_token": {"bamba": 3, "nemotron_h": 3, "jamba": 3},
+}
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [
+        f"## hybrid vs transformers {meta['transformers']} ({meta['date']}, {meta['device']})",
+        "",
+        "Same random weights in both (transformers model converted with `from_hf`); medians "
+        "after warm-up; each framework in its own process. Speed-up = hybrid / transformers "
+        "(for decode: transformers ms / hybrid ms).",
+        "",
+        "| config | metric | transformers | hybrid | speed-up | target |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, pair in results.items():
+        theirs, ours = pair["transformers"], pair["hybrid"]
+        for metric, targets in TARGETS.items():
+            if metric == "decode_ms_per_token":
+                ratio = theirs[metric] / ours[metric]
+            else:
+                ratio = ours[metric] / theirs[metric]
+            lines.append(
+                f"| {name} | {metric} | {theirs[metric]:,.1f} | {ours[metric]:,.1f} | "
+                f"{ratio:.2f}x | {targets[name]}x |"
+            )
+        lines.append(
+            f"| {name} | peak RSS MiB | {theirs['peak_rss_mib']:,.0f} | "
+            f"{ours['peak_rss_mib']:,.0f} | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["bamba", "jamba", "nemotron_h"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "FRAMEWORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], args.child[1], args.repeats)))
+        return
+    import transformers
+
+    results = {}
+    for name in args.configs:
+        hf_config(name)  # fail fast on a bad name
+        results[name] = {}
+        for framework in ("transformers", "hybrid"):
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", name, framework, "--repeats",
+                 str(args.repeats)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            results[name][framework] = json.loads(child.stdout.strip().splitlines()[-1])
+            print(name, framework, results[name][framework], flush=True)
+    meta = {
+        "date": date.today().isoformat(),
+        "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    (docs / "bench_vs_hf.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
+    table = markdown(results, meta)
+    (docs / "benchmarks.md").write_text("# Benchmarks\n\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
