@@ -32,10 +32,32 @@ reported as ms/token. Cache bytes are reported for L tokens from ``hybrid.info.d
 allocated cache's ``nbytes`` (capacity L + warm-up + steps) is checked against ``describe`` at
 that capacity.
 
+Speculative decoding (``--speculative``, the default; ``--no-speculative`` skips it): tokens/s
+of ``hybrid.speculative.speculative_generate`` with the hybrid above as target, greedy, against
+plain greedy decoding of the target (``target.generate``), same random prompt
+(``--spec-prompt`` 128 tokens) and number of new tokens (``--spec-new`` 64). Both are timed by
+wall clock around the whole call (prefill included, as ``SpeculativeResult.seconds`` is), after
+``--spec-warmup`` untimed calls, median of ``--spec-repeats``; each speculative configuration's
+runs alternate with plain runs and its speed-up is taken over those paired plain runs. For each
+k in ``--spec-k`` (2 4 8) and three drafts:
+
+- ``small``: the same family, 4 sublayers at d_model 128 (``"M-*-"``). With random weights it
+  agrees with the target only by chance, so this is the method's cost at near-zero acceptance;
+- ``oracle``: the same small model, run for real (same cost), but its logits are bumped to the
+  target's greedy token (known from the plain run), so every draft is accepted: the speed-up a
+  draft of this cost would give at acceptance 1.0, the method's ceiling for it;
+- ``self``: the target drafting for itself (acceptance 1.0, but drafting costs as much as
+  decoding, so it cannot beat plain decoding: it measures the method's overhead).
+
+Every speculative output is checked token for token against plain greedy decoding; a mismatch
+is recorded and makes the script exit non-zero after writing its outputs.
+
 Usage: python scripts/bench_decode.py [--contexts 1024 2048 ... 32768] [--steps 16]
     [--warmup 4] [--fill random|prefill] [--chunk 2048] [--device cpu|cuda]
     [--dtype float32] [--threads 1] [--out docs/bench_decode]
-Writes OUT.json, OUT.md (markdown table) and OUT.png (two panels), and prints the table.
+    [--speculative | --no-speculative] [--spec-k 2 4 8] [--spec-prompt 128] [--spec-new 64]
+    [--spec-repeats 5] [--spec-warmup 1]
+Writes OUT.json, OUT.md (markdown tables) and OUT.png (two panels), and prints the tables.
 """
 
 from __future__ import annotations
@@ -54,6 +76,8 @@ import torch
 from hybrid import HybridConfig, HybridLM, pattern_from_periods
 from hybrid.cache import HybridCache
 from hybrid.info import describe
+from hybrid.model import HybridOutput
+from hybrid.speculative import speculative_generate
 from layers.attention import KVCache
 
 D_MODEL = 256
@@ -71,6 +95,14 @@ LABELS = {
 }
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
 MIB = 2**20
+SPEC_TARGET = "jamba_1_7"
+DRAFT_D_MODEL = 128
+DRAFT_PATTERN = "M-*-"
+DRAFTS = {
+    "small": f"small draft ({DRAFT_PATTERN}, d_model {DRAFT_D_MODEL})",
+    "oracle": "small draft, forced to agree (oracle)",
+    "self": "target as its own draft",
+}
 
 
 def make_config(pattern: str) -> HybridConfig:
@@ -200,7 +232,239 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         "context": largest,
         "ratio": cache_at["jamba_1_7"] / cache_at["attention"],
     }
+    if args.speculative:
+        results["speculative"] = bench_speculative(args, device, dtype, models[SPEC_TARGET][1])
     return results
+
+
+class OracleDraft(torch.nn.Module):
+    """A draft that costs what ``model`` costs but proposes the target's greedy tokens.
+
+    ``model`` runs on every call as usual (same cache, same work); then, at each position, the
+    logit of the token that follows it in ``sequence`` (the target's plain greedy output:
+    prompt + new tokens) is raised above all others, so greedy drafting proposes exactly the
+    target's tokens and every draft is accepted. Benchmark-only: it shows the speed-up at
+    acceptance 1.0 for a draft of ``model``'s cost.
+    """
+
+    def __init__(self, model: HybridLM, sequence: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.sequence = sequence[0]
+
+    def allocate_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> HybridCache:
+        return self.model.allocate_cache(batch_size, max_seqlen, dtype)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: HybridCache) -> HybridOutput:
+        start = cache.length
+        output = self.model(input_ids, cache=cache)
+        logits = output.logits.clone()
+        positions = torch.arange(start + 1, start + 1 + input_ids.shape[1])
+        known = positions < self.sequence.numel()
+        rows = torch.nonzero(known).flatten().to(logits.device)
+        nexts = self.sequence[positions[known]].to(logits.device)
+        logits[0, rows, nexts] = logits[0].max() + 100.0
+        return HybridOutput(logits, output.aux_loss, output.router_stats)
+
+
+def timed(
+    calls: list[Callable[[], object]], warmup: int, repeats: int, sync: Callable[[], None]
+) -> tuple[list[list[float]], list[object]]:
+    """Time ``calls`` in turn, ``repeats`` rounds after ``warmup`` untimed ones.
+
+    Alternating the calls keeps a slow spell of a shared machine from landing on one of them
+    only. Returns the seconds of each call's timed runs and each call's last result.
+    """
+    times: list[list[float]] = [[] for _ in calls]
+    results: list[object] = [None] * len(calls)
+    for round_index in range(warmup + repeats):
+        for index, call in enumerate(calls):
+            sync()
+            start = time.perf_counter()
+            results[index] = call()
+            sync()
+            if round_index >= warmup:
+                times[index].append(time.perf_counter() - start)
+    return times, results
+
+
+@torch.inference_mode()
+def forward_ms(
+    model: HybridLM, prompt: torch.Tensor, n_tokens: int, repeats: int, sync: Callable[[], None]
+) -> float:
+    """Median ms of one cached forward of ``n_tokens`` tokens right after ``prompt``.
+
+    The prompt is prefilled once; each repeat rolls the cache back to that point first.
+    """
+    cache = model.allocate_cache(1, prompt.shape[1] + n_tokens)
+    model(prompt, cache=cache)
+    checkpoint = cache.checkpoint()
+    tokens = torch.randint(0, VOCAB, (1, n_tokens), device=prompt.device)
+    times = []
+    for _ in range(repeats + 2):
+        cache.rollback(checkpoint)
+        sync()
+        start = time.perf_counter()
+        model(tokens, cache=cache)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[2:])
+
+
+def bench_speculative(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, target: HybridLM
+) -> dict:
+    """Plain greedy decoding of ``target`` vs speculative decoding with each draft at each k."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(1)
+    draft_config = HybridConfig(pattern=DRAFT_PATTERN, vocab_size=VOCAB, d_model=DRAFT_D_MODEL)
+    small = HybridLM(draft_config).to(device=device, dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, VOCAB, (1, args.spec_prompt), generator=generator).to(device)
+    n = args.spec_new
+
+    def plain_call() -> torch.Tensor:
+        return target.generate(prompt, n)
+
+    (times,), (reference,) = timed([plain_call], args.spec_warmup, args.spec_repeats, sync)
+    plain_s = statistics.median(times)
+    plain = {
+        "seconds": plain_s,
+        "tokens_per_second": n / plain_s,
+        "ms_per_token": 1e3 * plain_s / n,
+        "run_seconds": [round(t, 4) for t in times],
+    }
+    print(f"{'plain':>10}      : {plain['tokens_per_second']:7.1f} tokens/s", flush=True)
+    costs = {
+        "draft_1_token_ms": forward_ms(small, prompt, 1, 20, sync),
+        "target_1_token_ms": forward_ms(target, prompt, 1, 20, sync),
+        **{
+            f"target_{k + 1}_tokens_ms": forward_ms(target, prompt, k + 1, 20, sync)
+            for k in args.spec_k
+        },
+    }
+    print("forward ms: " + ", ".join(f"{key} {value:.2f}" for key, value in costs.items()))
+    drafts = {"small": small, "oracle": OracleDraft(small, reference), "self": target}
+    runs = []
+    for k in args.spec_k:
+        for name, draft in drafts.items():
+
+            def call(draft=draft, k=k):
+                return speculative_generate(target, draft, prompt, n, num_draft_tokens=k)
+
+            (plain_times, times), (_, result) = timed(
+                [plain_call, call], args.spec_warmup, args.spec_repeats, sync
+            )
+            seconds, paired_plain = statistics.median(times), statistics.median(plain_times)
+            row = {
+                "draft": name,
+                "k": k,
+                "seconds": seconds,
+                "tokens_per_second": n / seconds,
+                "plain_seconds": paired_plain,
+                "plain_tokens_per_second": n / paired_plain,
+                "speedup": paired_plain / seconds,
+                "acceptance_rate": result.acceptance_rate,
+                "drafted": result.drafted,
+                "accepted": result.accepted,
+                "rounds": result.rounds,
+                "new_tokens": result.new_tokens,
+                "result_seconds": result.seconds,
+                "run_seconds": [round(t, 4) for t in times],
+                "plain_run_seconds": [round(t, 4) for t in plain_times],
+                "tokens_match_plain_greedy": bool(torch.equal(result.tokens, reference)),
+            }
+            runs.append(row)
+            print(
+                f"{name:>10} k={k:<4}: {row['tokens_per_second']:7.1f} tokens/s, "
+                f"x{row['speedup']:.2f}, acceptance {row['acceptance_rate']:.2f}, "
+                f"match {row['tokens_match_plain_greedy']}",
+                flush=True,
+            )
+    return {
+        "target": SPEC_TARGET,
+        "target_pattern": target.config.pattern_string,
+        "target_parameters": target.num_parameters(),
+        "draft_pattern": draft_config.pattern_string,
+        "draft_d_model": DRAFT_D_MODEL,
+        "draft_parameters": small.num_parameters(),
+        "drafts": DRAFTS,
+        "prompt_tokens": args.spec_prompt,
+        "new_tokens": n,
+        "warmup": args.spec_warmup,
+        "repeats": args.spec_repeats,
+        "sampling": "greedy (temperature 0)",
+        "timing": (
+            "wall clock around the whole call, prefill included; median of repeats; each "
+            "speculative configuration alternates with plain decoding, and its speed-up is over "
+            "those paired plain runs"
+        ),
+        "plain": plain,
+        "forward_ms": costs,
+        "runs": runs,
+        "all_tokens_match": all(r["tokens_match_plain_greedy"] for r in runs),
+    }
+
+
+def markdown_speculative(spec: dict, meta: dict) -> str:
+    """The speculative-decoding results as a markdown section."""
+    plain, costs = spec["plain"], spec["forward_ms"]
+    rows = {(r["draft"], r["k"]): r for r in spec["runs"]}
+    ks = sorted({r["k"] for r in spec["runs"]})
+    best = {name: max((rows[name, k] for k in ks), key=lambda r: r["speedup"]) for name in DRAFTS}
+    small_acceptance = max(rows["small", k]["acceptance_rate"] for k in ks)
+    lines = [
+        f"## Speculative decoding ({meta['date']}, {meta['device']})",
+        "",
+        f"Target: the Jamba-like 1:7 hybrid above (`{spec['target_pattern']}`, d_model "
+        f"{D_MODEL}, {spec['target_parameters']:,} parameters), random weights. Small draft: "
+        f"`{spec['draft_pattern']}` at d_model {spec['draft_d_model']} "
+        f"({spec['draft_parameters']:,} parameters). Greedy; a random "
+        f"{spec['prompt_tokens']}-token prompt, {spec['new_tokens']} new tokens; wall clock "
+        f"around the whole call (prefill included), median of {spec['repeats']} runs after "
+        f"{spec['warmup']} warm-up. Plain "
+        f"greedy decoding (`target.generate`): **{plain['tokens_per_second']:.1f} tokens/s** "
+        f"({plain['ms_per_token']:.2f} ms/token); each row's runs alternate with plain runs, "
+        "and its speed-up is over those paired runs (robust to the shared machine's slow "
+        "spells). Speculative output equal to plain greedy "
+        "output token for token: "
+        + ("yes, every run." if spec["all_tokens_match"] else "**no** (see the JSON).")
+        + " Drafts: *small*, the small model as is; *oracle*, the same small model run for real "
+        "but with its logits bumped to the target's greedy token, so every draft is accepted "
+        "(the ceiling for a draft of that cost); *self*, the target drafting for itself "
+        "(acceptance 1.0, but each draft token costs a full target step).",
+        "",
+        "| draft | k | tokens/s | acceptance | rounds | plain tokens/s (paired) | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in DRAFTS.items():
+        for k in ks:
+            r = rows[name, k]
+            lines.append(
+                f"| {label} | {k} | {r['tokens_per_second']:.1f} | {r['acceptance_rate']:.2f} | "
+                f"{r['rounds']} | {r['plain_tokens_per_second']:.1f} | x{r['speedup']:.2f} |"
+            )
+    lines += [
+        "",
+        f"With random weights the small draft agrees with the target only by chance (acceptance "
+        f"at most {small_acceptance:.2f} here), so every round pays for k draft steps, a "
+        "(k+1)-token verification and a rollback plus re-feed, to gain one token: its speed-up "
+        f"(best x{best['small']['speedup']:.2f}, k={best['small']['k']}) is a lower bound. "
+        f"With every draft accepted the same small draft reaches x{best['oracle']['speedup']:.2f} "
+        f"(k={best['oracle']['k']}); the target as its own draft, acceptance 1.0 but no cheaper "
+        f"than decoding, gets x{best['self']['speedup']:.2f} (k={best['self']['k']}), the "
+        "method's overhead rather than a gain. Trained target/draft pairs (after the training "
+        "work) will land between the small and oracle rows; their acceptance rate is the real "
+        "figure.",
+        "",
+        "Cost of one cached forward after the prompt (median ms): small draft, 1 token "
+        f"{costs['draft_1_token_ms']:.2f}; target, 1 token {costs['target_1_token_ms']:.2f}"
+        + "".join(f"; target, {k + 1} tokens {costs[f'target_{k + 1}_tokens_ms']:.2f}" for k in ks)
+        + ". The draft-to-target step cost ratio and the verification cost bound the speed-up "
+        "a perfect draft of this size can give; acceptance decides how much of it is realised.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def growth(results: dict, stack: str) -> float:
@@ -331,11 +595,27 @@ def main() -> None:
         help="CPU threads (default 1: see the module docstring; 0 keeps torch's default)",
     )
     parser.add_argument("--out", default="docs/bench_decode")
+    parser.add_argument(
+        "--speculative",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also benchmark speculative decoding (default: on)",
+    )
+    parser.add_argument("--spec-k", type=int, nargs="+", default=[2, 4, 8], help="draft tokens")
+    parser.add_argument("--spec-prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--spec-new", type=int, default=64, help="new tokens per generation")
+    parser.add_argument("--spec-repeats", type=int, default=5, help="timed generations")
+    parser.add_argument("--spec-warmup", type=int, default=1, help="untimed generations first")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.steps < 2 or args.warmup < 0 or min(args.contexts) < 1 or args.chunk < 1:
         parser.error("need --steps >= 2, --warmup >= 0, positive --contexts and --chunk")
+    if min(args.spec_k) < 1 or min(args.spec_prompt, args.spec_new, args.spec_repeats) < 1:
+        parser.error("need positive --spec-k, --spec-prompt, --spec-new and --spec-repeats")
+    if args.spec_warmup < 0:
+        parser.error("need --spec-warmup >= 0")
+    args.spec_k = sorted(set(args.spec_k))
     args.contexts = sorted(set(args.contexts))
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -369,10 +649,14 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(results, meta)
+    if "speculative" in results:
+        table += "\n" + markdown_speculative(results["speculative"], meta)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=2))
     out.with_suffix(".md").write_text(table)
     plot(results, meta, out.with_suffix(".png"))
     print(table)
+    if not results.get("speculative", {}).get("all_tokens_match", True):
+        raise SystemExit("speculative decoding output differs from plain greedy decoding")
 
 
 if __name__ == "__main__":
