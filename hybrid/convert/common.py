@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,13 +42,41 @@ def unsupported(model_type: str, option: str, value: Any, supported: str) -> Val
     )
 
 
+# transformers 5 writes inf / nan (e.g. a time_step_limit of (0, inf)) as {"__float__": "Infinity"}
+SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def decode_special_floats(value: Any) -> Any:
+    """``value`` with transformers' ``{"__float__": "Infinity"}`` objects turned into floats."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in SPECIAL_FLOATS:
+            return SPECIAL_FLOATS[value["__float__"]]
+        return {key: decode_special_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [decode_special_floats(item) for item in value]
+    return value
+
+
+def encode_special_floats(value: Any) -> Any:
+    """``value`` with inf / nan floats written as transformers writes them (plain JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {
+            "__float__": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        }
+    if isinstance(value, dict):
+        return {key: encode_special_floats(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_special_floats(item) for item in value]
+    return value
+
+
 def read_hf_config(directory: Path) -> dict[str, Any]:
     """``config.json`` of a transformers model directory."""
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory}: no config.json (not a transformers model directory)")
     try:
-        return json.loads(path.read_text())
+        return decode_special_floats(json.loads(path.read_text()))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
@@ -82,7 +111,8 @@ def write_hf(directory: Path, hf_config: dict[str, Any], state: dict[str, torch.
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    text = json.dumps(encode_special_floats(hf_config), indent=2, sort_keys=True)
+    (directory / "config.json").write_text(text)
 
 
 def take(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -35,9 +35,11 @@ def check_parity(hf_model, tmp_path, lengths=(13, 21), new_tokens=8, tolerance=1
             assert relative_error(torch.cat(steps, 1), theirs) < tolerance, ("cached", length)
     prompt = torch.randint(0, vocab, (1, lengths[0]), generator=generator)
     with torch.no_grad():
+        # An explicit mask: without one, transformers masks every prompt token equal to
+        # pad_token_id as padding.
         expected = hf_model.generate(
-            prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-            pad_token_id=0,
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+            do_sample=False, min_new_tokens=new_tokens, pad_token_id=0,
         )  # fmt: skip
     assert ours.generate(prompt, new_tokens).tolist() == expected.tolist(), "greedy generation"
     # Back to transformers.

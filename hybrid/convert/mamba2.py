@@ -1,0 +1,187 @@
+"""transformers ``mamba2`` (Mamba2ForCausalLM) <-> HybridLM.
+
+Each Mamba2 block (RMSNorm, mixer, residual) is our pre-norm sublayer ``M``; there is no MLP,
+so an ``n``-layer model is the pattern ``"M" * n``. Tensor names inside the mixer are the same
+on both sides (``in_proj``, ``conv1d``, ``dt_bias``, ``A_log``, ``D``, ``norm``,
+``out_proj``).
+
+Read and written: sizes, ``num_heads`` / ``head_dim`` / ``expand``, ``state_size``,
+``n_groups`` (the gated norm's groups too), ``conv_kernel``, ``chunk_size``, ``use_bias``,
+``use_conv_bias``, ``layer_norm_epsilon`` (block norms, final norm and gated norm),
+``time_step_limit`` (our ``dt_limit``), ``time_step_min/max/floor`` (init only, kept as
+``dt_min/dt_max/dt_init_floor``), ``tie_word_embeddings``. Refused: ``hidden_act`` other than
+silu (the conv activation), quantized checkpoints, ``num_heads * head_dim != expand *
+hidden_size``. Ignored: ``time_step_rank`` (unused by the model), ``rescale_prenorm_residual``
+and ``initializer_range`` (init only), ``residual_in_fp32``: it only keeps the residual stream
+in float32 when the model runs in half precision, which changes rounding, not the function
+(load with ``dtype=torch.float32`` for exactness); we write ``False``, which is exactly our
+computation in every dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hybrid.config import HybridConfig
+from hybrid.convert.common import unsupported
+from hybrid.convert.layout import (
+    common_from_hf,
+    common_to_hf,
+    name_table,
+    reject_quantized,
+    rename_from_hf,
+    rename_to_hf,
+    require_layers,
+    require_value,
+    shared_options,
+    sublayer_index,
+)
+
+MODEL_TYPE = "mamba2"
+
+
+def dt_limit_from_hf(value: Any) -> tuple[float, float]:
+    """``time_step_limit`` as our ``dt_limit`` (None: no clamp)."""
+    if value is None:
+        return (0.0, math.inf)
+    low, high = value
+    return (float(low), float(high))
+
+
+def mixer_from_hf(
+    model_type: str,
+    d_model: int,
+    *,
+    n_heads: int,
+    head_dim: int,
+    expand: Any,
+    hidden_act: str,
+    **options: Any,
+) -> dict[str, Any]:
+    """Our ``mamba2`` options of a transformers Mamba-2 mixer (Mamba2, Bamba).
+
+    ``options`` are our option names already mapped (d_state, ngroups, ...).
+    """
+    if hidden_act != "silu":
+        raise unsupported(model_type, "hidden_act", hidden_act, "silu, the Mamba-2 conv activation")
+    if n_heads * head_dim != expand * d_model:
+        raise ValueError(
+            f"{model_type}: heads {n_heads} * head_dim {head_dim} must equal expand {expand} * "
+            f"hidden_size {d_model}"
+        )
+    return {"headdim": head_dim, "expand": expand, **options}
+
+
+def mixer_to_hf(options: Any, config: HybridConfig, model_type: str) -> dict[str, Any]:
+    """Checked sizes of resolved ``mamba2`` options: our option name -> value.
+
+    Raises:
+        ValueError: the inner width is not a multiple of d_model (transformers' ``expand`` is an
+            integer) or the gated norm's epsilon differs from the other norms'.
+    """
+    d_inner = options.d_inner(config.d_model)
+    if d_inner % config.d_model:
+        raise ValueError(
+            f"{model_type}: cannot express a Mamba-2 inner width {d_inner} that is not a "
+            f"multiple of d_model={config.d_model} ({model_type} has an integer expand)"
+        )
+    require_value(
+        model_type, "mamba2.norm_eps", options.norm_eps, config.norm_eps,
+        "one epsilon for all norms, the model's norm_eps",
+    )  # fmt: skip
+    return {"expand": d_inner // config.d_model, "n_heads": d_inner // options.headdim}
+
+
+def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
+    """Our config of a transformers Mamba2 config (``config.json`` as a dict)."""
+    reject_quantized(hf, MODEL_TYPE)
+    common = common_from_hf(hf, vocab_default=32768, hidden_default=4096)
+    eps = float(hf.get("layer_norm_epsilon", 1e-5))
+    mamba2 = mixer_from_hf(
+        MODEL_TYPE,
+        common["d_model"],
+        n_heads=hf.get("num_heads", 128),
+        head_dim=hf.get("head_dim", 64),
+        expand=hf.get("expand", 2),
+        hidden_act=hf.get("hidden_act", "silu"),
+        d_state=hf.get("state_size", 128),
+        ngroups=hf.get("n_groups", 8),
+        d_conv=hf.get("conv_kernel", 4),
+        chunk_size=hf.get("chunk_size", 256),
+        conv_bias=bool(hf.get("use_conv_bias", True)),
+        bias=bool(hf.get("use_bias", False)),
+        dt_min=float(hf.get("time_step_min", 0.001)),
+        dt_max=float(hf.get("time_step_max", 0.1)),
+        dt_init_floor=float(hf.get("time_step_floor", 1e-4)),
+        dt_limit=dt_limit_from_hf(hf.get("time_step_limit", (0.0, math.inf))),
+        norm_eps=eps,
+    )
+    return HybridConfig(
+        pattern="M" * hf.get("num_hidden_layers", 64), mamba2=mamba2, norm_eps=eps, **common
+    )
+
+
+def hf_name(name: str) -> str:
+    """The transformers tensor name of one of our tensor names."""
+    fixed = {
+        "embedding.weight": "backbone.embeddings.weight",
+        "final_norm.weight": "backbone.norm_f.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    if name in fixed:
+        return fixed[name]
+    index, rest = sublayer_index(name)
+    prefix = f"backbone.layers.{index}."
+    return prefix + (
+        "norm.weight" if rest == "norm.weight" else "mixer." + rest.removeprefix("block.")
+    )
+
+
+def weights_from_hf(
+    state: dict[str, torch.Tensor], hf: dict[str, Any], config: HybridConfig
+) -> dict[str, torch.Tensor]:
+    """Our state dict from a Mamba2 one (mamba_ssm's ``backbone.embedding`` name accepted)."""
+    state = dict(state)
+    if "backbone.embedding.weight" in state and "backbone.embeddings.weight" not in state:
+        state["backbone.embeddings.weight"] = state.pop("backbone.embedding.weight")
+    return rename_from_hf(state, name_table(config, hf_name), config, MODEL_TYPE)
+
+
+def config_to_hf(config: HybridConfig) -> dict[str, Any]:
+    """The transformers Mamba2 config of our config.
+
+    Raises:
+        ValueError: the model is not ``"M" * n`` with one set of mamba2 options that
+            transformers can express.
+    """
+    require_layers(config, ["mamba2"] * len(config.layers), MODEL_TYPE, "the pattern 'M' * n")
+    options = shared_options(config, "mamba2", MODEL_TYPE)
+    sizes = mixer_to_hf(options, config, MODEL_TYPE)
+    return {
+        **common_to_hf(config, MODEL_TYPE, "Mamba2ForCausalLM"),
+        "num_hidden_layers": len(config.layers),
+        "num_heads": sizes["n_heads"],
+        "head_dim": options.headdim,
+        "expand": sizes["expand"],
+        "state_size": options.d_state,
+        "n_groups": options.ngroups,
+        "conv_kernel": options.d_conv,
+        "chunk_size": options.chunk_size,
+        "use_bias": options.bias,
+        "use_conv_bias": options.conv_bias,
+        "hidden_act": "silu",
+        "layer_norm_epsilon": config.norm_eps,
+        "time_step_min": options.dt_min,
+        "time_step_max": options.dt_max,
+        "time_step_floor": options.dt_init_floor,
+        "time_step_limit": list(options.dt_limit),
+        "residual_in_fp32": False,
+    }
+
+
+def weights_to_hf(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, torch.Tensor]:
+    """A Mamba2 state dict from ours."""
+    return rename_to_hf(state, name_table(config, hf_name))

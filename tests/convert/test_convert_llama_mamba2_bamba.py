@@ -1,0 +1,335 @@
+"""Llama, Mamba2 and Bamba checkpoints: parity with transformers both ways, and clear errors.
+
+Each parity case builds a tiny transformers model with random weights in ranges where every
+term matters (norm weights away from 1, biases away from 0, varied A and dt), saves it, loads
+it with ``from_hf`` and runs :func:`tests.convert.parity.check_parity` (forward, cached decode,
+greedy generation, ``to_hf`` back into transformers). Mamba-2 chunk sizes are 8, so the lengths
+13 and 21 cross chunk boundaries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import (
+    BambaConfig,
+    BambaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+)
+
+from hybrid import HybridConfig, HybridLM
+from hybrid.convert import converter, from_hf, to_hf
+from hybrid.convert import llama as llama_converter
+from tests.convert.parity import check_parity, relative_error
+
+
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # not installed, or installed with its CUDA build skipped
+        return False
+    return True
+
+
+# With mamba-ssm / causal-conv1d importable, transformers sends the SSM scans and convs to their
+# CUDA kernels even for CPU tensors, so its CPU reference would not run.
+needs_torch_ssm_path = pytest.mark.skipif(
+    _imports("mamba_ssm") or _imports("causal_conv1d"),
+    reason="transformers dispatches to the mamba_ssm / causal_conv1d CUDA kernels when they import",
+)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights where every term matters: norms away from 1, nonzero biases, varied A."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                value = torch.empty(p.shape).uniform_(1.0, 8.0, generator=gen).log()
+            elif leaf == "dt_bias":
+                value = torch.randn(p.shape, generator=gen) * 0.5 - 2.0
+            elif leaf == "weight" and "norm" in name:
+                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
+            elif p.dim() >= 2:
+                value = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])
+            else:  # biases, D
+                value = 0.3 * torch.randn(p.shape, generator=gen)
+            p.copy_(value)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------- Llama
+
+LLAMA_BASE = dict(
+    vocab_size=64,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rms_norm_eps=1e-3,
+    rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+)
+LLAMA_CASES = {
+    "gqa-head_dim-untied": dict(num_key_value_heads=2, head_dim=16),
+    "mha-bias-tied": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "mqa-geglu-tied": dict(
+        num_key_value_heads=1, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LLAMA_CASES))
+def test_llama_parity(case, tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_BASE, **LLAMA_CASES[case]}))
+    check_parity(randomize(model, seed=1), tmp_path)
+
+
+def test_llama_layout(tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_BASE, num_key_value_heads=2, head_dim=16))
+    model.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path)
+    assert ours.config.pattern_string == "*-*-"
+    attention = ours.config.layer_options[0]
+    assert (attention.n_heads, attention.n_kv_heads, attention.head_dim) == (4, 2, 16)
+    assert attention.rope_theta == 5000.0 and ours.config.norm_eps == 1e-3
+
+
+# --------------------------------------------------------------------------------------- Mamba2
+
+MAMBA2_BASE = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    state_size=16,
+    conv_kernel=4,
+    chunk_size=8,
+    layer_norm_epsilon=1e-3,
+)
+MAMBA2_CASES = {
+    "groups2-untied": dict(num_heads=8, head_dim=8, expand=2, n_groups=2),
+    "groups4-bias-noconvbias-tied": dict(
+        num_heads=8,
+        head_dim=4,
+        expand=1,
+        n_groups=4,
+        use_bias=True,
+        use_conv_bias=False,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize("case", list(MAMBA2_CASES))
+def test_mamba2_parity(case, tmp_path):
+    torch.manual_seed(0)
+    model = Mamba2ForCausalLM(Mamba2Config(**{**MAMBA2_BASE, **MAMBA2_CASES[case]}))
+    check_parity(randomize(model, seed=2), tmp_path)
+
+
+@needs_torch_ssm_path
+def test_mamba2_time_step_limit(tmp_path):
+    """A binding time_step_limit, through the forward and back (transformers' own one-token
+    decode step ignores the limit, so only the forward is compared)."""
+    torch.manual_seed(0)
+    config = Mamba2Config(**MAMBA2_BASE, **MAMBA2_CASES["groups2-untied"],
+                          time_step_limit=(0.05, 0.2))  # fmt: skip
+    model = randomize(Mamba2ForCausalLM(config), seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf")
+    assert ours.config.layer_options[0].dt_limit == (0.05, 0.2)
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(ours(ids).logits, model(ids).logits) < 1e-4
+    to_hf(ours, tmp_path / "back", "mamba2")
+    back = Mamba2ForCausalLM.from_pretrained(tmp_path / "back")
+    assert tuple(back.config.time_step_limit) == (0.05, 0.2)
+
+
+# ---------------------------------------------------------------------------------------- Bamba
+
+BAMBA_BASE = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
+    rms_norm_eps=1e-3,
+    mamba_n_heads=16,
+    mamba_n_groups=2,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    mamba_chunk_size=8,
+)
+BAMBA_CASES = {
+    "attn1-of-3-untied": dict(num_hidden_layers=3, attn_layer_indices=[1]),
+    "attn0,3-of-4-bias-rotary0.25-tied": dict(
+        num_hidden_layers=4,
+        attn_layer_indices=[0, 3],
+        attention_bias=True,
+        mlp_bias=True,
+        mamba_proj_bias=True,
+        mamba_conv_bias=False,
+        mamba_n_groups=4,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 3000.0,
+            "partial_rotary_factor": 0.25,
+        },
+    ),
+}
+
+
+@needs_torch_ssm_path
+@pytest.mark.parametrize("case", list(BAMBA_CASES))
+def test_bamba_parity(case, tmp_path):
+    torch.manual_seed(0)
+    model = BambaForCausalLM(BambaConfig(**{**BAMBA_BASE, **BAMBA_CASES[case]}))
+    check_parity(randomize(model, seed=4), tmp_path)
+
+
+@needs_torch_ssm_path
+def test_bamba_without_attention(tmp_path):
+    """transformers 5.23 runs a Bamba without attention layers only with use_cache=False
+    (its cache then has no attention layer to ask for a length), so only the forward is
+    compared, before and after ``to_hf``."""
+    torch.manual_seed(0)
+    config = BambaConfig(**BAMBA_BASE, num_hidden_layers=2, attn_layer_indices=None)
+    model = randomize(BambaForCausalLM(config), seed=5)
+    model.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf")
+    assert ours.config.pattern_string == "M-M-"
+    to_hf(ours, tmp_path / "back", "bamba")
+    back = BambaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        assert relative_error(ours(ids).logits, expected) < 1e-4
+        assert relative_error(back(ids, use_cache=False).logits, expected) < 1e-4
+
+
+def test_bamba_layout(tmp_path):
+    config = BambaConfig(**{**BAMBA_BASE, **BAMBA_CASES["attn1-of-3-untied"]})
+    BambaForCausalLM(config).save_pretrained(tmp_path)
+    ours = from_hf(tmp_path)
+    assert ours.config.pattern_string == "M-*-M-"
+    assert ours.config.layer_options[2].rope_fraction == 0.5
+    # A config.json without partial_rotary_factor (older ones): Bamba's hardcoded 0.5.
+    hf = json.loads((tmp_path / "config.json").read_text())
+    del hf["rope_parameters"]["partial_rotary_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert BambaConfig.from_pretrained(tmp_path).rope_parameters["partial_rotary_factor"] == 0.5
+    assert from_hf(tmp_path).config.layer_options[2].rope_fraction == 0.5
+    mamba = ours.config.layer_options[0]
+    assert (mamba.headdim, mamba.ngroups, mamba.chunk_size) == (8, 2, 8)
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"'gpt2'.*supported: llama, mamba2, bamba"):
+        from_hf(tmp_path)
+
+
+LLAMA_DICT = LlamaConfig(**LLAMA_BASE).to_dict()
+MAMBA2_DICT = Mamba2Config(**MAMBA2_BASE, **MAMBA2_CASES["groups2-untied"]).to_dict()
+BAMBA_DICT = BambaConfig(**BAMBA_BASE, num_hidden_layers=2).to_dict()
+YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5000.0}
+
+
+@pytest.mark.parametrize(
+    "model_type, base, change, option",
+    [
+        ("llama", LLAMA_DICT, {"rope_parameters": YARN}, "rope_type"),
+        ("llama", LLAMA_DICT, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ("llama", LLAMA_DICT, {"hidden_act": "gelu"}, "hidden_act"),
+        ("llama", LLAMA_DICT, {"quantization_config": {"quant_method": "gptq"}}, "quantization"),
+        ("mamba2", MAMBA2_DICT, {"hidden_act": "relu"}, "hidden_act"),
+        ("mamba2", MAMBA2_DICT, {"quantization_config": {"quant_method": "awq"}}, "quantization"),
+        ("bamba", BAMBA_DICT, {"rope_parameters": YARN}, "rope_type"),
+        ("bamba", BAMBA_DICT, {"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
+def test_unsupported_option_is_named(tmp_path, model_type, base, change, option):
+    (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
+    with pytest.raises(ValueError, match=rf"{model_type}: config option .*{option}"):
+        from_hf(tmp_path)
+
+
+def test_inconsistent_mamba2_sizes():
+    with pytest.raises(ValueError, match="heads 8 \\* head_dim 4 must equal expand 2"):
+        converter("mamba2").config_from_hf({**MAMBA2_DICT, "head_dim": 4})
+
+
+def test_weights_that_do_not_fit():
+    config = llama_converter.config_from_hf(LLAMA_DICT)
+    state = llama_converter.weights_to_hf(HybridLM(config).state_dict(), config)
+    missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"
+    ):
+        llama_converter.weights_from_hf(missing, LLAMA_DICT, config)
+    extra = {**state, "model.layers.0.self_attn.q_norm.weight": torch.ones(12)}
+    with pytest.raises(ValueError, match=r"q_norm\.weight have no place"):
+        llama_converter.weights_from_hf(extra, LLAMA_DICT, config)
+
+
+def tiny(pattern, **fields) -> HybridLM:
+    fields = {"vocab_size": 32, "d_model": 32, "mamba2": {"headdim": 8, "d_state": 8}} | fields
+    return HybridLM(HybridConfig(pattern=pattern, **fields))
+
+
+@pytest.mark.parametrize(
+    "model_type, model, message",
+    [
+        ("llama", tiny("M-*-"), "cannot express pattern 'M-\\*-'"),
+        ("llama", tiny("*-*"), "needs the pattern"),
+        ("llama", tiny("*-", attention={"window": 8}), "attention.window=8"),
+        ("llama", tiny("*-", attention={"rope_fraction": 0.5}), "rope_fraction=0.5"),
+        ("llama", tiny("*-", mlp={"activation": "relu2"}), "mlp.activation='relu2'"),
+        ("llama", tiny("*-*-", layer_overrides={2: {"rope_theta": 500.0}}), "differ"),
+        ("mamba2", tiny("M-"), "cannot express pattern 'M-'"),
+        ("mamba2", tiny("M", mamba2={"headdim": 8, "n_heads": 3}), "inner width 24"),
+        ("mamba2", tiny("M", mamba2={"headdim": 8, "norm_eps": 1e-3}), "norm_eps"),
+        ("bamba", tiny("MM"), "mixer \\(M or \\*\\) then an MLP"),
+        ("bamba", tiny("M-*-", attention={"rope": False}), "attention.rope=False"),
+        ("bamba", tiny("M-", mlp={"activation": "geglu"}), "mlp.activation='geglu'"),
+    ],
+)
+def test_to_hf_of_an_incompatible_model(tmp_path, model_type, model, message):
+    with pytest.raises(ValueError, match=message):
+        to_hf(model, tmp_path, model_type)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_to_hf_round_trips_our_config(tmp_path):
+    """Written, read back: the same resolved model (all families' options)."""
+    model = tiny(
+        "M-*-M-",
+        attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 12, "rope_fraction": 0.5,
+                   "rope_theta": 777.0, "qkv_bias": True, "out_bias": True},
+        mamba2={"headdim": 8, "d_state": 8, "ngroups": 2, "chunk_size": 16, "bias": True,
+                "dt_limit": (0.01, 5.0), "norm_eps": 1e-4},
+        mlp={"hidden_size": 40, "bias": True},
+        norm_eps=1e-4,
+        tie_embeddings=True,
+    )  # fmt: skip
+    to_hf(model, tmp_path, "bamba")
+    assert from_hf(tmp_path).config.fingerprint() == model.config.fingerprint()
