@@ -4,7 +4,6 @@ we cannot express failing with their names."""
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from pathlib import Path
@@ -19,47 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from hybrid import HybridConfig, HybridLM
 from hybrid.convert import jamba, nemotron_h, to_hf
 from tests.convert.parity import check_parity, relative_error
+from tests.hf_testing import needs_torch_ssm_path, randomize
 
 CHUNK = 8  # Nemotron-H's Mamba-2 chunk; the parity lengths 13 and 21 cross it
-
-
-def _imports(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except Exception:  # not installed, or installed with its CUDA build skipped
-        return False
-    return True
-
-
-# With mamba-ssm / causal-conv1d importable, transformers sends the SSM scans and convs to their
-# CUDA kernels even for CPU tensors.
-needs_torch_ssm_path = pytest.mark.skipif(
-    _imports("mamba_ssm") or _imports("causal_conv1d"),
-    reason="transformers dispatches to the mamba_ssm / causal_conv1d CUDA kernels when they import",
-)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights in ranges where every term matters: norms away from 1, biases away from 0,
-    projections at unit gain (transformers' init leaves norms at 1 and most outputs tiny)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = dict(model.named_parameters())
-    tensors |= {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-    with torch.no_grad():
-        for name, p in tensors.items():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "A_log":
-                value = torch.empty(p.shape).uniform_(1.0, 8.0, generator=gen).log()
-            elif leaf == "dt_bias" or name.endswith("dt_proj.bias"):
-                value = torch.randn(p.shape, generator=gen) * 0.5 - 2.0
-            elif "norm" in name:
-                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
-            elif p.dim() >= 2:
-                value = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])
-            else:  # biases, D, correction bias
-                value = 0.3 * torch.randn(p.shape, generator=gen)
-            p.copy_(value)
-    return model
 
 
 # ---------------------------------------------------------------------------------------- Jamba

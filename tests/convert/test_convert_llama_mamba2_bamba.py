@@ -9,9 +9,7 @@ greedy generation, ``to_hf`` back into transformers). Mamba-2 chunk sizes are 8,
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
 
 import pytest
 import torch
@@ -31,43 +29,7 @@ from hybrid import HybridConfig, HybridLM
 from hybrid.convert import converter, from_hf, to_hf
 from hybrid.convert import llama as llama_converter
 from tests.convert.parity import check_parity, relative_error
-
-
-def _imports(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except Exception:  # not installed, or installed with its CUDA build skipped
-        return False
-    return True
-
-
-# With mamba-ssm / causal-conv1d importable, transformers sends the SSM scans and convs to their
-# CUDA kernels even for CPU tensors, so its CPU reference would not run.
-needs_torch_ssm_path = pytest.mark.skipif(
-    _imports("mamba_ssm") or _imports("causal_conv1d"),
-    reason="transformers dispatches to the mamba_ssm / causal_conv1d CUDA kernels when they import",
-)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights where every term matters: norms away from 1, nonzero biases, varied A."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "A_log":
-                value = torch.empty(p.shape).uniform_(1.0, 8.0, generator=gen).log()
-            elif leaf == "dt_bias":
-                value = torch.randn(p.shape, generator=gen) * 0.5 - 2.0
-            elif leaf == "weight" and "norm" in name:
-                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
-            elif p.dim() >= 2:
-                value = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])
-            else:  # biases, D
-                value = 0.3 * torch.randn(p.shape, generator=gen)
-            p.copy_(value)
-    return model.eval()
-
+from tests.hf_testing import needs_torch_ssm_path, randomize
 
 # ---------------------------------------------------------------------------------------- Llama
 

@@ -11,7 +11,6 @@ away from both libraries' defaults, so an option that is not passed through fail
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -32,54 +31,12 @@ from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHCon
 
 from hybrid import HybridConfig, HybridLM
 from layers.registry import get_block
+from tests.hf_testing import needs_torch_ssm_path, randomize
 
 LENGTHS = (13, 21)  # odd; 21 crosses the chunk size 8 twice and leaves a partial chunk
 CHUNK = 8
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32; observed differences are below 1.1e-6
 TOL64 = {"rtol": 1e-12, "atol": 1e-12}  # float64, where transformers does not upcast to float32
-
-
-def _imports(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except Exception:  # not installed, or installed with its CUDA build skipped
-        return False
-    return True
-
-
-# With mamba-ssm / causal-conv1d importable, transformers sends the SSM scans and convs to their
-# CUDA kernels even for CPU tensors, so the torch reference paths compared here would not run.
-needs_torch_ssm_path = pytest.mark.skipif(
-    _imports("mamba_ssm") or _imports("causal_conv1d"),
-    reason="transformers dispatches to the mamba_ssm / causal_conv1d CUDA kernels when they import",
-)
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random weights in ranges where every term matters (no zero biases, unit norms, etc.)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = dict(module.named_parameters())
-    tensors.update(
-        (name, buf)
-        for name, buf in module.named_buffers()
-        if name.endswith("e_score_correction_bias")
-    )
-    with torch.no_grad():
-        for name, p in tensors.items():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "A_log":
-                value = torch.empty(p.shape).uniform_(1.0, 8.0, generator=gen).log()
-            elif leaf == "dt_bias" or name.endswith("dt_proj.bias"):
-                value = torch.randn(p.shape, generator=gen) * 0.5 - 2.0  # softplus ~ 0.13
-            elif leaf == "weight" and "norm" in name:
-                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
-            elif leaf == "e_score_correction_bias":
-                value = 0.3 * torch.randn(p.shape, generator=gen)
-            elif p.dim() >= 2:
-                value = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])
-            else:  # biases, D
-                value = 0.3 * torch.randn(p.shape, generator=gen)
-            p.copy_(value)
 
 
 def our_block(family: str, d_model: int, **options):
