@@ -193,6 +193,25 @@ class HybridLM(nn.Module):
         logits = self.lm_head(self.final_norm(hidden))
         return HybridOutput(logits, aux_loss, router_stats)
 
+    def decode_step(
+        self, tokens: torch.Tensor, cache: HybridCache, position: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoding step with shapes that do not depend on the step.
+
+        ``tokens`` (batch, 1) sit at absolute index ``position`` (a 0-d int64 tensor equal to
+        ``cache.length``). Caches are updated in place and read whole with masks, so the step
+        can be compiled (``torch.compile``) or captured as a CUDA graph. It does not check the
+        ids nor advance ``cache.length`` / ``cache.real_lengths``: :meth:`HybridCache.advance`
+        does that after the call. Returns logits (batch, vocab_size).
+        """
+        context = TokenContext(
+            start=-1, positions=cache.real_lengths[:, None], static_start=position
+        )
+        hidden = self.embedding(tokens)
+        for sublayer, entry in zip(self.sublayers, cache.entries, strict=True):
+            hidden, _ = sublayer(hidden, entry, context)
+        return self.lm_head(self.final_norm(hidden))[:, -1]
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
         """The prompt followed by new tokens; see :func:`hybrid.generate.generate`."""
         from hybrid.generate import generate

@@ -214,6 +214,31 @@ class KVCache(CacheEntry):
         # never seen. A ring overwrites old keys that a rollback must bring back.
         return None if self.window is None else self.copy()
 
+    def attend_static(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token per row at absolute index ``position`` (0-d int64), shapes fixed.
+
+        Writes the key/value in place and attends over the whole buffer with a mask, so the
+        same operations run at every step. Shapes: q (batch, n_heads, 1, head_dim); k, v
+        (batch, n_kv_heads, 1, head_dim).
+        """
+        slot = (position if self.window is None else position % self.window).view(1)
+        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
+        self.values.index_copy_(2, slot, v.to(self.values.dtype))
+        self.key_index.index_fill_(1, slot, position)
+        self.valid.index_fill_(1, slot, True)
+        visible = (self.key_index >= 0) & (self.key_index <= position) & self.valid
+        if self.window is not None:
+            visible &= self.key_index > position - self.window
+        return F.scaled_dot_product_attention(
+            q,
+            self.keys.to(q.dtype),
+            self.values.to(q.dtype),
+            attn_mask=visible[:, None, None, :],
+            enable_gqa=self.keys.shape[1] != q.shape[1],
+        )
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: TokenContext
     ) -> torch.Tensor:
@@ -299,7 +324,9 @@ class Attention(Block):
             cos, sin = self.rotary.cos_sin(positions, q.dtype)
             q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
+        if cache is not None and context.static_start is not None:
+            out = cache.attend_static(q, k, v, context.static_start)
+        elif cache is not None:
             out = cache.attend(q, k, v, context)
         elif context is not None and context.valid is not None:
             index = torch.arange(hidden.shape[1], device=hidden.device)

@@ -26,11 +26,16 @@ class TokenContext:
         positions: (batch, n) int64 position of each new token among its row's real tokens
             (what RoPE rotates by; left padding does not advance it).
         valid: (batch, n) bool, False at left-padding positions, or None when all are real.
+        static_start: ``start`` as a 0-d int64 tensor, set for static-shape decode steps
+            (one token per row, no padding): blocks then update their cache in place and read
+            it whole with masks, so no shape depends on the step — what ``torch.compile`` and
+            CUDA graphs need.
     """
 
     start: int
     positions: torch.Tensor
     valid: torch.Tensor | None = None
+    static_start: torch.Tensor | None = None
 
 
 class CacheEntry:

@@ -118,9 +118,10 @@ class Mamba1(Block):
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         step = cache is not None and hidden.shape[1] == 1 and valid is None
         if step:
-            x_t, cache.conv_state = causal_conv1d_step(
+            x_t, conv_state = causal_conv1d_step(
                 x[:, 0], cache.conv_state, conv_weight, self.conv1d.bias, activation="silu"
             )
+            cache.conv_state.copy_(conv_state)  # in place: static addresses for graphs
             x = x_t[:, None, :]  # (b, 1, d_inner)
         else:
             conv = causal_conv1d(
@@ -147,10 +148,11 @@ class Mamba1(Block):
             dt_args = {}
         A = -torch.exp(upcast(self.A_log))
         if step:
-            y, cache.ssm_state = selective_scan_step(
+            y, ssm_state = selective_scan_step(
                 cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, z=z[:, 0],
                 **dt_args,
             )  # fmt: skip
+            cache.ssm_state.copy_(ssm_state)
             return self.out_proj(y[:, None, :])
         y = selective_scan(
             x.transpose(1, 2),

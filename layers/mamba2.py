@@ -130,11 +130,12 @@ class Mamba2(Block):
         group_width = opts.ngroups * opts.d_state
         if cache is not None and length == 1 and valid is None:
             # One decoding step: the recurrence directly, no chunking.
-            xbc_t, cache.conv_state = causal_conv1d_step(
+            xbc_t, conv_state = causal_conv1d_step(
                 xbc[:, 0], cache.conv_state, conv_weight, self.conv1d.bias, activation="silu"
             )
+            cache.conv_state.copy_(conv_state)  # in place: static addresses for graphs
             x, B, C = xbc_t.split([self.d_inner, group_width, group_width], -1)
-            y, cache.ssm_state = ssd_step(
+            y, ssm_state = ssd_step(
                 cache.ssm_state,
                 rearrange(x, "b (h p) -> b h p", p=opts.headdim),
                 dt[:, 0],
@@ -146,6 +147,7 @@ class Mamba2(Block):
                 dt_softplus=True,
                 dt_limit=opts.dt_limit,
             )
+            cache.ssm_state.copy_(ssm_state)
             y = rearrange(y, "b h p -> b 1 (h p)")
         else:
             conv = causal_conv1d(

@@ -217,3 +217,21 @@ def test_a_single_left_padded_row_equals_no_padding():
         out = model.generate(ids[:1], 5, attention_mask=mask[:1])
     assert relative_error(padded, alone) < 1e-4
     assert out[0, ids.shape[1] :].tolist() == model.generate(torch.tensor([seq]), 5)[0, 6:].tolist()
+
+
+@pytest.mark.parametrize("pattern", ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"]])
+def test_static_decode_step_equals_the_dynamic_path(pattern):
+    torch.manual_seed(7)
+    model = HybridLM(HybridConfig(pattern, **BASE)).eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]])
+    steps = torch.randint(0, 40, (2, 9))  # enough to wrap the window ring
+    with torch.no_grad():
+        dynamic, static = model.allocate_cache(2, 20), model.allocate_cache(2, 20)
+        model(ids, cache=dynamic, attention_mask=mask)
+        model(ids, cache=static, attention_mask=mask)
+        for i in range(steps.shape[1]):
+            expected = model(steps[:, i : i + 1], cache=dynamic).logits[:, -1]
+            position = torch.tensor(static.length)
+            got = model.decode_step(steps[:, i : i + 1], static, position)
+            static.advance(1, None)
+            assert relative_error(got, expected) < 1e-5, i
