@@ -89,12 +89,19 @@ def stream(
     seed: int | None = None,
     max_seqlen: int | None = None,
     prefill_chunk_size: int | None = None,
+    compile: bool | str = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the new tokens one step at a time, (batch,) each.
 
     A row that produced a stop token is finished: it yields ``pad_token_id`` afterwards.
-    The stream ends after ``max_new_tokens`` steps or when every row is finished.
+    The stream ends after ``max_new_tokens`` steps or when every row is finished. Decoding
+    runs :meth:`HybridLM.decode_step` (static shapes); ``compile=True`` (or a
+    ``torch.compile`` mode such as ``"reduce-overhead"``) compiles it first.
     """
+    if not 0 <= pad_token_id < model.config.vocab_size:
+        raise ValueError(
+            f"pad_token_id: must be in [0, {model.config.vocab_size}); got {pad_token_id}"
+        )
     sampling = sampling or SamplingConfig(temperature=0.0)
     capacity = check_prompt(model, input_ids, max_new_tokens, attention_mask, max_seqlen)
     device = input_ids.device
@@ -112,6 +119,10 @@ def stream(
             mask = None if attention_mask is None else attention_mask.bool()
             counts = count_tokens(input_ids, model.config.vocab_size, mask)
         logits = prefill(model, input_ids, cache, attention_mask, prefill_chunk_size)
+        if compile:
+            decode = model.compiled_decode_step(None if compile is True else compile)
+        else:
+            decode = model.decode_step
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = sample(logits, sampling, generator, counts)
@@ -122,7 +133,9 @@ def stream(
                 return
             if counts is not None:
                 counts = update_counts(counts, token)
-            logits = model(token[:, None], cache=cache).logits[:, -1]
+            position = torch.tensor(cache.length, device=device)
+            logits = decode(token[:, None], cache, position)
+            cache.advance(1, None)
 
 
 def generate(
@@ -144,10 +157,12 @@ def generate(
     num_beams: int = 1,
     max_seqlen: int | None = None,
     prefill_chunk_size: int | None = None,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """The prompt followed by the new tokens, (batch, prompt_length + new).
 
-    ``temperature`` 0 is greedy. ``num_beams`` > 1 runs beam search (greedy scoring by
+    ``temperature`` 0 is greedy. ``compile`` compiles the decode step (see :func:`stream`).
+    ``num_beams`` > 1 runs beam search (greedy scoring by
     summed log-probabilities; sampling options must stay at their defaults). The number of
     new tokens is ``max_new_tokens`` unless every row stopped earlier.
 
@@ -181,7 +196,7 @@ def generate(
         stream(
             model, input_ids, max_new_tokens, attention_mask=attention_mask, sampling=sampling,
             stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, seed=seed,
-            max_seqlen=max_seqlen, prefill_chunk_size=prefill_chunk_size,
+            max_seqlen=max_seqlen, prefill_chunk_size=prefill_chunk_size, compile=compile,
         )
     )  # fmt: skip
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)

@@ -212,6 +212,19 @@ class HybridLM(nn.Module):
             hidden, _ = sublayer(hidden, entry, context)
         return self.lm_head(self.final_norm(hidden))[:, -1]
 
+    def compiled_decode_step(self, mode: str | None = None):
+        """:meth:`decode_step` compiled with ``torch.compile`` (once per model and mode).
+
+        On CPU this fuses the step's many small operations (about 3x faster decoding for a
+        10 M-parameter hybrid, after a compile of tens of seconds); ``mode="reduce-overhead"``
+        asks for CUDA graphs on GPU. Shapes are static: a new batch size or cache capacity
+        compiles again.
+        """
+        compiled = self.__dict__.setdefault("_compiled_decode_steps", {})
+        if mode not in compiled:
+            compiled[mode] = torch.compile(self.decode_step, dynamic=False, mode=mode)
+        return compiled[mode]
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
         """The prompt followed by new tokens; see :func:`hybrid.generate.generate`."""
         from hybrid.generate import generate

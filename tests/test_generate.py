@@ -156,3 +156,17 @@ def test_bad_generation_arguments(model, kwargs, field):
     with pytest.raises(ValueError) as error:
         model.generate(args.pop("input_ids"), args.pop("max_new_tokens"), **args)
     assert str(error.value).startswith(field)
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    torch.manual_seed(3)
+    config = HybridConfig(["M", {"block": "attention", "window": 4}, "S", "*"], **CONFIG)
+    model = HybridLM(config).eval()
+    prompt = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    eager = model.generate(prompt, 8)
+    assert torch.equal(model.generate(prompt, 8, compile=True), eager)
+
+
+def test_pad_token_id_must_be_in_the_vocabulary(model):
+    with pytest.raises(ValueError, match=r"^pad_token_id: must be in \[0, 30\)"):
+        model.generate(torch.tensor([[1, 2]]), 3, pad_token_id=30)
