@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.base import Block, BlockOutput, require, require_choice, require_positive_int
+from layers.base import (
+    Block,
+    BlockOutput,
+    TokenContext,
+    require,
+    require_choice,
+    require_positive_int,
+)
 from layers.mlp import ACTIVATIONS, GATED, FeedForward, default_hidden_size
 from layers.registry import register_block
 
@@ -187,7 +194,14 @@ class MoE(Block):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return logits, weights * opts.routed_scaling, indices
 
-    def forward(self, hidden: torch.Tensor) -> BlockOutput:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: None = None,
+        context: TokenContext | None = None,
+    ) -> BlockOutput | torch.Tensor:
+        if context is not None and context.static_start is not None:
+            return self.forward_dense(hidden)
         opts = self.options
         tokens = hidden.reshape(-1, hidden.shape[-1])  # (n, d_model)
         logits, weights, indices = self.route(tokens)
@@ -218,6 +232,37 @@ class MoE(Block):
             "router_entropy": router_entropy(logits).detach(),
         }
         return BlockOutput(combined.view_as(hidden), aux, stats)
+
+    def forward_dense(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted by the sparse routing weights.
+
+        ``n_experts / top_k`` times the FLOPs of :meth:`forward`, but no shape depends on the
+        routing, so a one-token decode step can be compiled or captured as a CUDA graph.
+        Returns hidden states only (no auxiliary losses at decode time).
+        Shapes: (batch, seqlen, d_model) -> same.
+        """
+        experts = self.experts
+        tokens = hidden.reshape(-1, hidden.shape[-1])  # (t, d_model)
+        _, weights, indices = self.route(tokens)
+        dense = torch.zeros(tokens.shape[0], self.options.n_experts, dtype=weights.dtype,
+                            device=tokens.device).scatter(1, indices, weights)  # fmt: skip
+        up = torch.einsum("td,ehd->teh", tokens, experts.up_proj)
+        if experts.up_bias is not None:
+            up = up + experts.up_bias
+        if experts.gated:
+            gate = torch.einsum("td,ehd->teh", tokens, experts.gate_proj)
+            if experts.gate_bias is not None:
+                gate = gate + experts.gate_bias
+            inner = experts.act(gate) * up
+        else:
+            inner = experts.act(up)
+        out = torch.einsum("teh,edh->ted", inner, experts.down_proj)
+        if experts.down_bias is not None:
+            out = out + experts.down_bias
+        combined = torch.einsum("te,ted->td", dense.to(out.dtype), out)
+        if self.shared is not None:
+            combined = combined + self.shared(tokens)
+        return combined.view_as(hidden)
 
     def active_parameters(self) -> int:
         experts = sum(p.numel() for p in self.experts.parameters())

@@ -147,3 +147,18 @@ def test_active_parameters_count_top_k_experts():
     router = 16 * 8
     assert sum(p.numel() for p in block.parameters()) == router + 8 * per_expert + shared
     assert block.active_parameters() == router + 2 * per_expert + shared
+
+
+@pytest.mark.parametrize("options", CASES)
+def test_dense_decode_path_equals_grouped_path(options):
+    from layers.base import TokenContext
+
+    torch.manual_seed(1)
+    config = HybridConfig("E", vocab_size=8, d_model=16, moe={**options, "expert_hidden_size": 24})
+    block = MoE(16, config.layer_options[0], 0).double()
+    torch.nn.init.normal_(block.router.weight)
+    if block.score_bias is not None:
+        block.score_bias.normal_()
+    x = torch.randn(3, 1, 16, dtype=torch.float64)
+    static = TokenContext(start=5, positions=torch.zeros(3, 1), static_start=torch.tensor(5))
+    torch.testing.assert_close(block(x, context=static), block(x).hidden)
