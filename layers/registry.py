@@ -78,11 +78,6 @@ def registered_blocks() -> dict[str, BlockSpec]:
     return dict(_BLOCKS)
 
 
-def symbol_table() -> dict[str, str]:
-    """Map from symbol to block name."""
-    return {spec.symbol: spec.name for spec in _BLOCKS.values()}
-
-
 def known_blocks_text() -> str:
     """One-line listing of the registry, for error messages: ``M=mamba2, *=attention, ...``."""
     return ", ".join(f"{spec.symbol}={spec.name}" for spec in _BLOCKS.values())

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["clamped_exp", "compute_dtype", "exp_floor"]
+__all__ = ["NO_LIMIT", "clamped_exp", "compute_dtype", "effective_dt", "exp_floor"]
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
