@@ -1,0 +1,265 @@
+"""Training recipes: a YAML file validated by a pydantic schema before anything runs.
+
+A recipe has one section per concern (``model``, ``data``, ``tokenizer``, ``optim``,
+``schedule``, ``trainer``, ``logging``, ``checkpoint``, ``eval``) plus a ``seed`` and a run
+``name``. Any field can be overridden from the command line with a dotted ``key=value``
+(``optim.lr=3e-4 model.d_model=128``), the syntax of litgpt and Hydra; values are parsed as
+YAML scalars.
+
+Errors are one line naming the field: an unknown key gets the closest valid key suggested,
+a wrong type names the field and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hybrid.config import HybridConfig
+from hybrid.overrides import apply_overrides
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """Where the text comes from.
+
+    ``format`` picks the loader: ``text`` (files or globs; one document per file),
+    ``jsonl`` / ``parquet`` (a ``text_field`` per record), ``disk`` (a dataset written by
+    ``datasets``' ``save_to_disk``; ``path`` is its directory) or ``hub`` (a dataset name on
+    the Hugging Face hub, needs network; cached by ``datasets``). In ``paths``, ``{stdlib}``
+    stands for this Python's standard-library directory.
+    """
+
+    format: Literal["text", "jsonl", "parquet", "disk", "hub"] = "text"
+    paths: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    text_field: str = "text"
+    name: str | None = None
+    subset: str | None = None
+    split: str = "train"
+
+
+class DataConfig(Section):
+    """Training and validation data: sources, packing and loading."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    validation: SourceConfig | None = None  # a separate validation source; else a split
+    val_fraction: float = Field(0.01, gt=0, lt=1)
+    seq_len: int = Field(256, ge=8)
+    streaming: bool = False
+    shuffle_buffer: int = Field(10_000, ge=1)
+    num_workers: int = Field(0, ge=0)
+    cache_dir: str | None = None
+    max_documents: int | None = Field(None, ge=1)
+
+
+class TokenizerConfig(Section):
+    """``byte`` (UTF-8 bytes plus an end-of-document id; no training) or ``bpe`` (byte-level
+    BPE trained with ``tokenizers`` on the training corpus, or loaded from ``path``)."""
+
+    kind: Literal["byte", "bpe"] = "byte"
+    vocab_size: int = Field(4096, ge=260)
+    train_bytes: int = Field(20_000_000, ge=1000)
+    path: str | None = None
+
+
+class OptimConfig(Section):
+    """AdamW; no weight decay on norms, biases and embeddings."""
+
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError("each beta must be in [0, 1)")
+        return betas
+
+
+class ScheduleConfig(Section):
+    """Linear warmup, then ``cosine`` decay to ``min_lr_ratio * lr``, ``wsd`` (constant, then
+    linear decay over the last ``decay_fraction`` of the steps) or ``constant``."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+
+
+class TrainerConfig(Section):
+    """Lightning trainer settings. Tokens per optimizer step =
+    ``micro_batch_size * grad_accum * devices * num_nodes * data.seq_len``."""
+
+    max_steps: int = Field(1000, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    val_every: int = Field(200, ge=1)
+    val_batches: int = Field(20, ge=1)
+    log_every: int = Field(10, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (default: torch's choice)
+
+
+class LoggingConfig(Section):
+    """W&B through Lightning's logger (online when logged in, else offline) and a CSV log."""
+
+    wandb: bool = True
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    project: str = "hybrid"
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class CheckpointConfig(Section):
+    """Checkpoints every ``every_steps`` optimizer steps plus ``last.ckpt``."""
+
+    every_steps: int = Field(200, ge=1)
+    keep: int = Field(2, ge=-1)  # step checkpoints kept besides last (-1 = all)
+
+
+class EvalConfig(Section):
+    """What runs after training: a sampled completion of ``prompt``."""
+
+    prompt: str = "def scale(values, factor):"
+    max_new_tokens: int = Field(200, ge=0)
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+
+
+class Recipe(Section):
+    """A whole training run."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: dict[str, Any]
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where everything of this run is written: ``{output_dir}/{name}``."""
+        return Path(self.output_dir) / self.name
+
+    def hybrid_config(self, vocab_size: int | None = None) -> HybridConfig:
+        """The model section as a :class:`HybridConfig`; ``vocab_size`` (the tokenizer's)
+        fills it when the recipe leaves it unset.
+
+        Raises:
+            RecipeError: ``model.<field>: ...`` naming the bad field.
+        """
+        data = dict(self.model)
+        if vocab_size is not None:
+            data.setdefault("vocab_size", vocab_size)
+        try:
+            return HybridConfig.from_dict(data)
+        except ValueError as error:
+            raise RecipeError(f"model.{error}") from None
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field, defaults filled in: what is saved with the run."""
+        return self.model_dump(mode="json")
+
+
+class RecipeError(ValueError):
+    """A recipe problem, as one line naming the file or field."""
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe (model section included).
+
+    Raises:
+        RecipeError: one line naming the file or the field and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
+    try:
+        data = apply_overrides(data, overrides or [])
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    return validate_recipe(data)
+
+
+def validate_recipe(data: dict[str, Any]) -> Recipe:
+    """A :class:`Recipe` from plain data; the model section is checked by building its config.
+
+    Raises:
+        RecipeError: one line naming the field.
+    """
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(describe_validation_error(error)) from None
+    model = dict(recipe.model)
+    model.setdefault("vocab_size", 512)  # the tokenizer sets it later; checked here for shape
+    try:
+        HybridConfig.from_dict(model)
+    except ValueError as error:
+        raise RecipeError(f"model.{error}") from None
+    return recipe
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first problem of a pydantic error as ``field.path: what is wrong``."""
+    first = error.errors()[0]
+    location = [str(part) for part in first["loc"]]
+    field = ".".join(location)
+    if first["type"] == "extra_forbidden":
+        valid = _field_names(location[:-1])
+        close = difflib.get_close_matches(location[-1], valid, n=1)
+        hint = f"did you mean {'.'.join([*location[:-1], close[0]])!r}? " if close else ""
+        return f"{field}: unknown key; {hint}valid keys: {', '.join(valid)}"
+    if first["type"] == "missing":
+        return f"{field}: required"
+    got = first.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{field}: {message[0].lower()}{message[1:]} (got {shown})"
+
+
+def _field_names(location: list[str]) -> list[str]:
+    """The valid keys of the section at ``location`` (a path of field names)."""
+    section: type[BaseModel] = Recipe
+    for part in location:
+        annotation = section.model_fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        section = nested[0]
+    return list(section.model_fields)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what ``recipe.yaml`` in the run directory holds)."""
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)
