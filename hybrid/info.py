@@ -11,7 +11,7 @@ import yaml
 
 from hybrid.config import HybridConfig
 from hybrid.model import HybridLM
-from hybrid.overrides import apply_overrides
+from hybrid.overrides import apply_overrides, load_yaml
 from layers.registry import get_block
 
 
@@ -60,7 +60,7 @@ def load_model_config(
         if not path.is_file():
             raise ValueError(f"{source}: no such recipe file")
         try:
-            recipe = yaml.safe_load(path.read_text())
+            recipe = load_yaml(path.read_text())
         except yaml.YAMLError as error:
             raise ValueError(f"{source}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(recipe, dict):
@@ -68,10 +68,21 @@ def load_model_config(
         data = recipe.get("model", recipe)
         if not isinstance(data, dict):
             raise ValueError(f"{source}: model: expected a mapping")
+        if "model" in recipe and "vocab_size" not in data:
+            data = {**data, "vocab_size": tokenizer_vocab_size(recipe.get("tokenizer") or {})}
     else:
         data = {"pattern": source}
     data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
     return HybridConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def tokenizer_vocab_size(tokenizer: dict[str, Any]) -> int:
+    """The vocabulary a recipe's tokenizer section gives (bytes: 256 + end-of-document)."""
+    if tokenizer.get("kind", "byte") == "byte":
+        return 257
+    from hybrid.recipe import TokenizerConfig
+
+    return int(tokenizer.get("vocab_size", TokenizerConfig.model_fields["vocab_size"].default))
 
 
 def describe(config: HybridConfig, context: int, dtype: torch.dtype = torch.bfloat16) -> ModelInfo:
