@@ -94,14 +94,78 @@ def load_pretrained(
     return model.to(device=device, dtype=dtype).eval()
 
 
+TRAINING_META_KEY = "hybrid"  # our metadata inside a Lightning training checkpoint
+
+
+def read_training_checkpoint(path: str | Path) -> dict:
+    """The model config, tokenizer and weights inside a Lightning ``.ckpt`` of ``hybrid train``.
+
+    Loaded with ``weights_only=True`` (no code runs from the file) and memory-mapped.
+    Returns ``{"meta": {...config, fingerprint, tokenizer_json, recipe}, "state_dict": {...}}``
+    with the model's own parameter names.
+
+    Raises:
+        ValueError: one line naming the file: missing, corrupt, or not from ``hybrid train``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a bad file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or TRAINING_META_KEY not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint written by hybrid train (no model config)")
+    prefix = "model."
+    state = {
+        name[len(prefix) :]: tensor
+        for name, tensor in checkpoint.get("state_dict", {}).items()
+        if name.startswith(prefix)
+    }
+    return {"meta": checkpoint[TRAINING_META_KEY], "state_dict": state}
+
+
+def load_training_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> HybridLM:
+    """The model of a ``hybrid train`` checkpoint (see :func:`read_training_checkpoint`)."""
+    content = read_training_checkpoint(path)
+    try:
+        config = HybridConfig.from_dict(content["meta"]["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    model = HybridLM(config)
+    try:
+        model.load_state_dict(content["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not match the stored config ({error})") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory stands for its exported ``model/`` (or else ``checkpoints/last.ckpt``);
+    anything else is returned unchanged."""
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        for candidate in (path / "model", path / "checkpoints" / "last.ckpt"):
+            if candidate.exists():
+                return candidate
+    return path
+
+
 def load_model(
     directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> HybridLM:
-    """A model from either of our checkpoint directories or a transformers one.
+    """A model from any checkpoint we know: our model directory, a ``hybrid train`` run
+    directory or ``.ckpt`` file, or a transformers directory.
 
     A ``config.json`` with a ``model_type`` key is a transformers directory (converted with
     :func:`hybrid.convert.from_hf`); otherwise it is ours (:func:`load_pretrained`).
     """
+    directory = resolve_checkpoint(directory)
+    if directory.is_file():
+        return load_training_checkpoint(directory, device=device, dtype=dtype)
     config_path = Path(directory) / CONFIG_FILE
     if config_path.is_file():
         try:

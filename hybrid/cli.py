@@ -27,6 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--d-model", type=int, default=None, help="width (pattern only; default 512)")
     info.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 32000)")
     info.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="cache dtype")
+    train = commands.add_parser(
+        "train",
+        help="train a model from a YAML recipe (Lightning; W&B + CSV tracking)",
+        description="Train from a recipe. Any recipe field can be overridden with a dotted "
+        "KEY=VALUE after the recipe (e.g. optim.lr=3e-4 trainer.max_steps=100); values are "
+        "YAML scalars. The run directory is {output_dir}/{name}.",
+    )
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=3e-4")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run from its checkpoints/last.ckpt"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     generate = commands.add_parser(
         "generate",
         help="stream a continuation of a prompt from a checkpoint",
@@ -98,6 +111,38 @@ def run_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from hybrid.recipe import load_recipe
+    from hybrid.train.module import NonFiniteLossError
+    from hybrid.train.run import last_checkpoint, perplexity, train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        result = train(recipe, resume=args.resume, progress_bar=not args.no_progress)
+    except NonFiniteLossError as error:
+        last = last_checkpoint(recipe)
+        kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written"
+        print(f"hybrid train: error: {error}; {kept}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        print(
+            f"interrupted at step {result.steps}; saved {last_checkpoint(recipe)}; continue with: "
+            f"hybrid train {args.recipe} {' '.join(args.overrides)} --resume".replace("  ", " "),
+            file=sys.stderr,
+        )
+        return 130
+    if result.val_loss is not None:
+        print(
+            f"step {result.steps}: validation loss {result.val_loss:.4f} nats/token "
+            f"(perplexity {perplexity(result.val_loss):.2f}); unigram baseline "
+            f"{result.unigram_val_loss:.4f} nats/token"
+        )
+    if result.sample is not None:
+        print(f"sample:\n{result.sample}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> None:
     from hybrid.info import describe, format_info, load_model_config
 
@@ -119,12 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *leftover]
     try:
-        commands = {"info": run_info, "generate": run_generate, "convert": run_convert}
-        commands[args.command](args)
+        commands = {
+            "info": run_info,
+            "generate": run_generate,
+            "convert": run_convert,
+            "train": run_train,
+        }
+        status = commands[args.command](args)
     except ValueError as error:
         print(f"hybrid {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,45 @@
-"""Tokenizers for generation from the command line: byte-level by default, or a
-``tokenizer.json`` (Hugging Face ``tokenizers``) saved next to the weights."""
+"""Tokenizers: UTF-8 bytes by default, or a ``tokenizer.json`` (Hugging Face ``tokenizers``)
+saved next to the weights; :func:`train_bpe` trains a byte-level BPE for a training run.
+
+Both kinds end each training document with an end-of-document id (``eos_id``) and report
+``vocab_size`` (the model's embedding rows must be at least that many).
+"""
 
 from __future__ import annotations
 
 import codecs
+import hashlib
+import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import tokenizers
+
+EOS_TOKEN = "<|endoftext|>"
+"""The end-of-document token of the BPE tokenizers trained here."""
+
+EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+"""Names an end-of-document token has in a loaded ``tokenizer.json``, tried in this order."""
 
 
 class Tokenizer(Protocol):
-    """What generation needs from a tokenizer."""
+    """What generation and the data pipeline need from a tokenizer."""
+
+    eos_id: int | None  # the end-of-document id (None: the tokenizer has none)
+    vocab_size: int  # ids are in [0, vocab_size)
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decoder(self) -> StreamDecoder: ...
+
+    def save(self, directory: str | Path) -> None: ...
+
+    @property
+    def fingerprint(self) -> str: ...
 
 
 class StreamDecoder(Protocol):
@@ -23,13 +49,33 @@ class StreamDecoder(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255; ids above 255 (if the vocabulary is larger) are dropped."""
+    """UTF-8 bytes as tokens 0..255 and ``eos_id = 256`` (``vocab_size = 257``).
+
+    The decoder drops ids above 255 (the end-of-document id, and any id of a larger model
+    vocabulary), so generation prints only text.
+    """
+
+    eos_id: int = 256
+    vocab_size: int = 257
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`encode` of each text."""
+        return [list(text.encode("utf-8")) for text in texts]
+
     def decoder(self) -> StreamDecoder:
         return _ByteStreamDecoder()
+
+    def save(self, directory: str | Path) -> None:
+        """Nothing to write: :func:`load_tokenizer` returns bytes when there is no
+        ``tokenizer.json``."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the mapping from text to ids (for caches of tokenized data)."""
+        return "utf8-bytes+eos256"
 
 
 class _ByteStreamDecoder:
@@ -41,18 +87,49 @@ class _ByteStreamDecoder:
 
 
 class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` loaded from ``tokenizer.json``."""
+    """A ``tokenizers.Tokenizer``, read from a ``tokenizer.json`` path or given as an object.
 
-    def __init__(self, path: Path) -> None:
+    ``eos_id`` is the first of :data:`EOS_CANDIDATES` in its vocabulary, or None.
+    """
+
+    def __init__(self, source: str | Path | tokenizers.Tokenizer) -> None:
         from tokenizers import Tokenizer as _Tokenizer
 
-        self._tokenizer = _Tokenizer.from_file(str(path))
+        if isinstance(source, (str, Path)):
+            source = _Tokenizer.from_file(str(source))
+        self._tokenizer = source
+        self.vocab_size: int = source.get_vocab_size(with_added_tokens=True)
+        ids = (source.token_to_id(token) for token in EOS_CANDIDATES)
+        self.eos_id: int | None = next((i for i in ids if i is not None), None)
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text (in parallel), for training data: special-token strings inside
+        the text (a literal ``<|endoftext|>``) are encoded as plain text, so document
+        boundaries come only from the data pipeline."""
+        self._tokenizer.encode_special_tokens = True
+        try:
+            return [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
+        finally:
+            self._tokenizer.encode_special_tokens = False
+
     def decoder(self) -> StreamDecoder:
         return _PrefixStreamDecoder(self._tokenizer)
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``directory/tokenizer.json`` atomically (a temporary file, then a rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".tokenizer.json.{os.getpid()}.tmp"
+        self._tokenizer.save(str(temporary))
+        os.replace(temporary, directory / "tokenizer.json")
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the whole tokenizer (vocabulary, merges, pre-tokenizer)."""
+        return hashlib.sha256(self._tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 class _PrefixStreamDecoder:
@@ -70,6 +147,42 @@ class _PrefixStreamDecoder:
             return ""
         new, self._text = text[len(self._text) :], text
         return new
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, max_bytes: int) -> HFTokenizer:
+    """Train a byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer and decoder, all 256 byte
+    symbols in the alphabet, :data:`EOS_TOKEN` as special token 0) on the first ``max_bytes``
+    UTF-8 bytes of ``texts`` (the last text is cut to fit).
+
+    The vocabulary is ``vocab_size`` tokens, or fewer when the text has too few distinct pairs
+    to merge. Training is deterministic: the same texts give the same tokenizer.
+    """
+    from tokenizers import Tokenizer as _Tokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = _Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_first_bytes(texts, max_bytes), trainer)
+    return HFTokenizer(tokenizer)
+
+
+def _first_bytes(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+    """The texts up to ``max_bytes`` UTF-8 bytes in all; the last one cut at a character."""
+    remaining = max_bytes
+    for text in texts:
+        data = text.encode("utf-8")
+        if len(data) >= remaining:
+            yield data[:remaining].decode("utf-8", errors="ignore")
+            return
+        remaining -= len(data)
+        yield text
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

@@ -1,0 +1,184 @@
+"""Lightning callbacks and plugins: throughput (tokens/s, tokens seen, MFU on GPU), the final /
+Ctrl-C checkpoint, and atomic checkpoint files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+# Dense bf16 peak FLOP/s by device name fragment (no sparsity), for MFU on GPU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a CUDA device, if known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+class Throughput(pl.Callback):
+    """Logs ``tokens_per_s`` (also on the progress bar), ``tokens_seen`` and, on a GPU with a
+    known peak, ``mfu`` = achieved model FLOP/s / peak (``flops_per_token`` counts forward +
+    backward: 6 x active parameters plus the attention scores).
+
+    Args:
+        tokens_per_step: tokens in one optimizer step over all devices.
+        flops_per_token: training FLOPs per token.
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self._last_step: int | None = None
+        self._last_time = 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_) -> None:
+        step = trainer.global_step
+        now = time.perf_counter()
+        if self._last_step is None:
+            self._last_step, self._last_time = step, now
+            return
+        if step == self._last_step:
+            return  # inside gradient accumulation
+        rate = (step - self._last_step) * self.tokens_per_step / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        metrics = {"tokens_per_s": rate, "tokens_seen": float(step * self.tokens_per_step)}
+        peak = peak_flops(pl_module.device)
+        if peak is not None:
+            metrics["mfu"] = rate * self.flops_per_token / (peak * trainer.world_size)
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        pl_module.log("tok/s", rate, prog_bar=True, logger=False, rank_zero_only=True)
+
+
+class StopAndSave(pl.Callback):
+    """Writes ``last.ckpt`` at the final step, and turns Ctrl-C into a clean stop.
+
+    The first SIGINT asks the run to stop: at the end of the current optimizer step (every
+    rank agrees on which: the request is all-reduced) ``last.ckpt`` is written and fit returns,
+    so ``--resume`` continues exactly there. A second Ctrl-C interrupts at once.
+    Checkpoints are written from ``on_train_batch_end``, the point Lightning's loops expect to
+    resume from.
+
+    Args:
+        path: the ``last.ckpt`` path.
+        every_steps: the step-checkpoint period (those steps already write ``last.ckpt``).
+    """
+
+    def __init__(self, path: Path, every_steps: int) -> None:
+        self.path = Path(path)
+        self.every_steps = every_steps
+        self.requested = False
+        self.stopped_step: int | None = None
+        self._step = 0
+        self._previous_handler: Any = None
+
+    def request_stop(self, *_: Any) -> None:
+        """The SIGINT handler (also callable directly)."""
+        self.requested = True
+        if self._previous_handler is not None:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self.request_stop)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, _: Any) -> None:
+        self.on_train_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        if trainer.global_step == self._step:
+            return  # inside gradient accumulation
+        self._step = trainer.global_step
+        stop = trainer.strategy.reduce_boolean_decision(self.requested, all=False)
+        if stop:
+            trainer.should_stop = True
+            self.stopped_step = trainer.global_step
+        final = trainer.global_step >= trainer.max_steps
+        if (stop or final) and trainer.global_step % self.every_steps != 0:
+            trainer.save_checkpoint(self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same directory, fsyncs it and
+    ``os.replace``-s it onto the target, so a kill at any moment leaves either the previous
+    complete file or the new complete file (Lightning's own transaction stages the file in the
+    system temp directory and moves it, which is a non-atomic copy across filesystems)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Deletes temporary files that a killed save left behind in ``directory``."""
+    for temp in Path(directory).glob(".*.ckpt.*.tmp"):
+        temp.unlink(missing_ok=True)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A bar over optimizer steps to ``max_steps`` (the training data is an endless stream,
+    so Lightning's per-epoch bar would count micro-batches with no end), with the loss and
+    tokens/s."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = 0
+        bar.n = trainer.global_step
+        bar.set_description("train")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and trainer.global_step != bar.n:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def init_validation_tqdm(self):
+        """Validation runs without a bar of its own (its loss joins the training bar)."""
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        if "tok/s" in metrics:
+            metrics["tok/s"] = f"{float(metrics['tok/s']):.0f}"
+        return metrics

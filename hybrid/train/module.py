@@ -1,0 +1,121 @@
+"""The LightningModule: next-token loss plus the MoE auxiliary losses, AdamW, the schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from hybrid.config import HybridConfig
+from hybrid.model import HybridLM
+from hybrid.recipe import Recipe
+from hybrid.train.optim import build_optimizer, lr_multiplier
+
+CHECKPOINT_KEY = "hybrid"  # our metadata inside a Lightning checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the step is not applied."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"loss is {value} at step {step}; the run was stopped")
+        self.step = step
+
+
+class HybridLightningModule(pl.LightningModule):
+    """Trains a :class:`HybridLM` on packed rows of token ids.
+
+    A batch is (micro_batch, seq_len + 1) int64: ``row[:-1]`` are the inputs and ``row[1:]``
+    the targets. The loss is the mean cross-entropy over all tokens plus the weighted MoE
+    auxiliary losses the model returns (``out.aux_loss``).
+
+    Args:
+        config: the model.
+        recipe: the run's recipe (optimizer, schedule, logging cadence).
+        tokenizer_json: the run's ``tokenizer.json`` text (None for byte-level); stored in every
+            checkpoint so it generates without the run directory.
+    """
+
+    def __init__(self, config: HybridConfig, recipe: Recipe, tokenizer_json: str | None) -> None:
+        super().__init__()
+        self.config = config
+        self.recipe = recipe
+        self.tokenizer_json = tokenizer_json
+        self.model = HybridLM(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).logits
+
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(lm loss, total loss, model output) for one micro-batch."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        out = self.model(inputs)
+        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        total = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
+        return lm_loss, total, out
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        lm_loss, total, out = self._loss(batch)
+        finite = torch.isfinite(total.detach())
+        if not self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
+            raise NonFiniteLossError(self.trainer.global_step, float(total.detach()))
+        self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
+        self.log("train/ppl", lm_loss.detach().exp(), sync_dist=True)
+        if out.aux_loss is not None:
+            self.log("train/aux_loss", out.aux_loss, sync_dist=True)
+        if out.router_stats and self._is_log_step():
+            self._log_router_stats(out.router_stats)
+        return total
+
+    def _is_log_step(self) -> bool:
+        return self.trainer.global_step % self.recipe.trainer.log_every == 0
+
+    def _log_router_stats(self, router_stats: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Per MoE layer: fraction of routed tokens per expert, balance loss, router entropy."""
+        for layer, stats in router_stats.items():
+            counts = stats["tokens_per_expert"].float()
+            fractions = counts / counts.sum().clamp_min(1)
+            metrics = {f"moe/layer{layer}/expert{e}": f for e, f in enumerate(fractions.tolist())}
+            metrics[f"moe/layer{layer}/load_balance_loss"] = float(stats["load_balance_loss"])
+            metrics[f"moe/layer{layer}/router_entropy"] = float(stats["router_entropy"])
+            self.log_dict(metrics, rank_zero_only=True)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        lm_loss, _, _ = self._loss(batch)
+        self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True)
+        return lm_loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", loss.exp(), sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Logs the global gradient norm before clipping (Lightning clips after this hook)."""
+        if not self._is_log_step():
+            return
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            norm = torch.linalg.vector_norm(norms)
+            self.log("grad_norm", norm, rank_zero_only=True)
+        self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.model, self.recipe.optim)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_multiplier(self.recipe.schedule, self.recipe.trainer.max_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds what loading needs without the recipe: the model config and the tokenizer."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": 1,
+            "config": self.config.to_dict(),
+            "fingerprint": self.config.fingerprint(),
+            "tokenizer_json": self.tokenizer_json,
+            "recipe": self.recipe.resolved(),
+        }

@@ -1,0 +1,327 @@
+"""``hybrid train``: a recipe in, a trained, tracked, resumable run directory out.
+
+Run directory (``{output_dir}/{name}``)::
+
+    recipe.yaml           the fully resolved recipe (defaults filled in, overrides applied)
+    tokenizer.json        BPE runs only (byte-level needs none)
+    checkpoints/          step{N}.ckpt every checkpoint.every_steps, and last.ckpt
+    csv/version_K/        metrics.csv (one version per launch) and hparams.yaml
+    wandb/                W&B files (offline runs are synced later with ``wandb sync``)
+    model/                config.json + model.safetensors (+ tokenizer.json): for generation
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybrid.recipe import Recipe, recipe_to_yaml
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+class TrainError(ValueError):
+    """A user-facing problem with a run (one line naming the file or field)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: Path
+    steps: int
+    val_loss: float | None
+    unigram_val_loss: float
+    sample: str | None
+    interrupted: bool = False
+
+
+def last_checkpoint(recipe: Recipe) -> Path:
+    return recipe.run_dir / CHECKPOINT_DIR / LAST
+
+
+def _quiet_lightning() -> None:
+    """Silence Lightning's info lines and advice that does not apply to our setup (we print
+    our own summary)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*infinite.*",
+        ".*`val_check_interval`.*",
+        ".*LeafSpec.*",
+        ".*is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    progress_bar: bool = True,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Train ``recipe`` (resuming from ``last.ckpt`` with ``resume``).
+
+    Everything that can be wrong with the recipe or the data is checked before the model is
+    built. Raises :class:`TrainError` / ``DataError`` / ``RecipeError`` (one line each) for user
+    errors, and :class:`~hybrid.train.module.NonFiniteLossError` when the loss stops being
+    finite (the last good checkpoint is left as it was).
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from hybrid.data import HybridDataModule
+    from hybrid.train.callbacks import (
+        AtomicCheckpointIO,
+        StepProgressBar,
+        StopAndSave,
+        Throughput,
+        remove_stale_temporaries,
+    )
+    from hybrid.train.module import HybridLightningModule
+    from hybrid.train.tracking import build_loggers
+
+    _quiet_lightning()
+    run_dir = recipe.run_dir
+    last = last_checkpoint(recipe)
+    is_child = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    if resume and not last.is_file():
+        raise TrainError(f"{last}: no checkpoint to resume from")
+    if not resume and last.is_file() and not is_child:
+        raise TrainError(
+            f"{run_dir}: already holds a run; add --resume to continue it, or set name=... "
+            "or output_dir=... for a new one"
+        )
+    if recipe.trainer.threads:
+        torch.set_num_threads(recipe.trainer.threads)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+
+    trainer_config = recipe.trainer
+    data = HybridDataModule(
+        recipe.data,
+        recipe.tokenizer,
+        seed=recipe.seed,
+        micro_batch_size=trainer_config.micro_batch_size,
+        grad_accum=trainer_config.grad_accum,
+        run_dir=run_dir,
+    )
+    import datasets
+
+    datasets.disable_progress_bars()  # our own progress bar and one-line errors only
+    data.prepare()
+    tokenizer = data.tokenizer
+    config = recipe.hybrid_config(tokenizer.vocab_size)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise TrainError(
+            f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size}"
+        )
+    if resume:
+        check_resumable(last, config)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        tokenizer.save(run_dir)
+    tokenizer_json = _tokenizer_json(run_dir)
+    module = HybridLightningModule(config, recipe, tokenizer_json)
+
+    loggers, wandb_mode = build_loggers(recipe.logging, run_dir, recipe.name, resume=resume)
+    for logger in loggers:
+        logger.log_hyperparams(run_summary(recipe, module, data.stats))
+
+    accelerator = trainer_config.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = trainer_config.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    world = trainer_config.devices * trainer_config.num_nodes
+    tokens_per_step = (
+        trainer_config.micro_batch_size * trainer_config.grad_accum * world * recipe.data.seq_len
+    )
+    stopper = StopAndSave(last, recipe.checkpoint.every_steps)
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=recipe.checkpoint.every_steps,
+        save_top_k=recipe.checkpoint.keep,
+        monitor="step",
+        mode="max",
+        save_last=True,
+    )
+    if rank_zero_only.rank == 0:
+        print(describe_run(recipe, module, data.stats, tokens_per_step, wandb_mode, resume))
+    strategy: Any = trainer_config.strategy
+    if strategy == "ddp" and not on_gpu:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=trainer_config.devices,
+        num_nodes=trainer_config.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_steps=trainer_config.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=trainer_config.grad_accum,
+        gradient_clip_val=recipe.optim.grad_clip or None,
+        val_check_interval=trainer_config.val_every * trainer_config.grad_accum,
+        check_val_every_n_epoch=None,
+        limit_val_batches=trainer_config.val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=trainer_config.log_every,
+        logger=loggers,
+        callbacks=[
+            checkpoints,
+            Throughput(tokens_per_step, training_flops_per_token(config, recipe.data.seq_len)),
+            stopper,
+            *([StepProgressBar()] if progress_bar else []),
+            *(callbacks or []),
+        ],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=last if resume else None, weights_only=True)
+    unigram = data.stats["unigram_val_loss"]
+    if stopper.stopped_step is not None:
+        return TrainResult(run_dir, stopper.stopped_step, None, unigram, None, interrupted=True)
+
+    metrics = trainer.validate(module, datamodule=data, verbose=False)
+    val_loss = metrics[0].get("val/loss") if metrics else None
+    sample = None
+    if trainer.is_global_zero:
+        model = module.model.float().cpu().eval()
+        export_model(model, tokenizer, run_dir / "model")
+        sample = sample_completion(model, tokenizer, recipe)
+        if wandb_mode == "offline":
+            sync = run_dir / "wandb" / "latest-run"
+            print(f"W&B run saved offline; upload it with: wandb sync {sync}")
+    return TrainResult(run_dir, trainer.global_step, val_loss, unigram, sample)
+
+
+def describe_run(
+    recipe: Recipe, module, stats: dict, tokens_per_step: int, wandb_mode: str | None, resume: bool
+) -> str:
+    """The lines printed when a run starts."""
+    from hybrid.info import human_count
+
+    model = module.model
+    train_tokens = stats.get("train_tokens")
+    corpus = f"{human_count(train_tokens)} training tokens" if train_tokens else "streaming"
+    tracking = "CSV" + (f" + W&B ({wandb_mode})" if wandb_mode else "")
+    return "\n".join(
+        [
+            f"{'resuming' if resume else 'training'} {recipe.run_dir}: "
+            f"{module.config.pattern_string}, {human_count(model.num_parameters())} parameters "
+            f"({human_count(model.num_parameters(active=True))} active)",
+            f"data: {corpus}, {human_count(stats['val_tokens'])} validation tokens; unigram "
+            f"baseline {stats['unigram_val_loss']:.3f} nats/token",
+            f"{recipe.trainer.max_steps} steps x {tokens_per_step:,} tokens; tracking: {tracking}",
+        ]
+    )
+
+
+def _tokenizer_json(run_dir: Path) -> str | None:
+    path = run_dir / "tokenizer.json"
+    return path.read_text() if path.is_file() else None
+
+
+def check_resumable(path: Path, config) -> None:
+    """Refuses a checkpoint that is unreadable or was trained with another model config."""
+    from hybrid.checkpoint import read_training_checkpoint
+
+    meta = read_training_checkpoint(path)["meta"]
+    if meta["fingerprint"] != config.fingerprint():
+        raise TrainError(
+            f"{path}: trained with another model config than the recipe's (fingerprint "
+            f"{meta['fingerprint']} != {config.fingerprint()}); restore the model section"
+        )
+
+
+def training_flops_per_token(config, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 x active non-embedding parameters, plus the LM
+    head, plus 6 x the attention score / value products (causal: half of 2 * L * d each)."""
+    from hybrid.model import HybridLM
+
+    with torch.device("meta"):
+        model = HybridLM(config)
+    flops = 6 * (model.num_parameters(active=True, embeddings=False))
+    flops += 6 * config.vocab_size * config.d_model
+    for name, options in zip(config.layers, config.layer_options, strict=True):
+        if name == "attention":
+            context = min(seq_len, options.window or seq_len)
+            flops += 6 * options.n_heads * options.head_dim * context
+    return float(flops)
+
+
+def run_summary(recipe: Recipe, module, stats: dict) -> dict[str, Any]:
+    """Hyperparameters logged with the run: the recipe, model size, cache, data, commit."""
+    from hybrid.info import describe
+    from hybrid.train.tracking import git_commit
+
+    config = module.config
+    model = module.model
+    short, long = 1024, 2048
+    cache_short = describe(config, short, torch.bfloat16).cache_bytes
+    cache_long = describe(config, long, torch.bfloat16).cache_bytes
+    per_token = (cache_long - cache_short) / (long - short)
+    return {
+        "recipe": recipe.resolved(),
+        "params/total": model.num_parameters(),
+        "params/active": model.num_parameters(active=True),
+        "params/non_embedding": model.num_parameters(embeddings=False),
+        "pattern": config.pattern_string,
+        "cache/bytes_per_token": per_token,
+        "cache/bytes_fixed": cache_short - per_token * short,
+        "data": dict(stats),
+        "git_commit": git_commit(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def export_model(model, tokenizer, directory: Path) -> None:
+    """Writes the generation-ready model directory (config, safetensors, tokenizer)."""
+    from hybrid.checkpoint import save_pretrained
+
+    save_pretrained(model, directory)
+    tokenizer.save(directory)
+
+
+def sample_completion(model, tokenizer, recipe: Recipe) -> str | None:
+    """The recipe's eval prompt continued by the trained model (seeded)."""
+    options = recipe.eval
+    if options.max_new_tokens == 0 or not options.prompt:
+        return None
+    ids = tokenizer.encode(options.prompt)
+    output = model.generate(
+        torch.tensor([ids]),
+        options.max_new_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        stop_token_ids=[tokenizer.eos_id],
+        seed=recipe.seed,
+    )
+    decoder = tokenizer.decoder()
+    new = [int(t) for t in output[0, len(ids) :] if int(t) != tokenizer.eos_id]
+    return options.prompt + "".join(decoder.feed(token) for token in new)
+
+
+def perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(loss)

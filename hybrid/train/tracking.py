@@ -1,0 +1,93 @@
+"""Run tracking: a local CSV log always, W&B (online when logged in, else offline) optionally."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import string
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from hybrid.recipe import LoggingConfig
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def git_commit() -> str | None:
+    """The commit of the ``hybrid`` source tree (with ``-dirty`` if it has changes), if known."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def wandb_logged_in() -> bool:
+    """Whether W&B has credentials (``WANDB_API_KEY`` or ``wandb login``'s netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import wandb
+
+        return bool(wandb.api.api_key)
+    except Exception:  # any wandb trouble means: not logged in
+        return False
+
+
+def wandb_mode(config: LoggingConfig) -> str:
+    """``online`` / ``offline``: ``auto`` is online only when logged in (and not forced off
+    by ``WANDB_MODE``)."""
+    if config.wandb_mode != "auto":
+        return config.wandb_mode
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+        return "offline"
+    return "online" if wandb_logged_in() else "offline"
+
+
+def build_loggers(
+    config: LoggingConfig, run_dir: Path, run_name: str, *, resume: bool
+) -> tuple[list[Logger], str | None]:
+    """The run's loggers and the W&B mode (None when W&B is off).
+
+    The CSV log goes to ``run_dir/csv/version_N/metrics.csv`` (one version per launch). The
+    W&B run id is kept in ``run_dir/wandb_id`` so that ``--resume`` continues the same run.
+    """
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv")]
+    if not config.wandb:
+        return loggers, None
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = wandb_mode(config)
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    if run_id is None:
+        alphabet = string.ascii_lowercase + string.digits
+        run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    kwargs: dict[str, Any] = {"resume": "allow"} if resume else {}
+    loggers.append(
+        WandbLogger(
+            name=run_name,
+            project=config.project,
+            entity=config.entity,
+            tags=config.tags or None,
+            save_dir=str(run_dir),
+            offline=mode == "offline",
+            id=run_id,
+            **kwargs,
+        )
+    )
+    if rank_zero_only.rank == 0:  # DDP children must not replace the id
+        id_file.write_text(run_id)
+    return loggers, mode

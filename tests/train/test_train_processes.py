@@ -1,0 +1,132 @@
+"""`hybrid train` as separate processes: 2-process DDP on CPU (gloo), Ctrl-C, kill -9, and
+an offline W&B run read back from its run file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hybrid.checkpoint import read_training_checkpoint
+from tests.train.runs import read_metrics, train_losses
+from tests.train.wandb_reader import read_config, read_history
+
+HYBRID = [sys.executable, "-m", "hybrid.cli"]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **extra}
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_hybrid(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*HYBRID, *args], capture_output=True, text=True, timeout=timeout, env=environment(**env)
+    )
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_recipe):
+    # The MoE balance / z losses are computed per rank on its own micro-batch (as Megatron's
+    # default does), which is not linear in the batch; without them everything is.
+    model = {"moe": {"n_experts": 4, "top_k": 2, "expert_hidden_size": 32,
+                     "aux_loss_weight": 0.0, "z_loss_weight": 0.0}}  # fmt: skip
+    one = tiny_recipe(name="one", model=model, trainer={"micro_batch_size": 4, "max_steps": 4})
+    two = tiny_recipe(
+        name="two",
+        model=model,
+        trainer={
+            "micro_batch_size": 2,
+            "max_steps": 4,
+            "devices": 2,
+            "strategy": "ddp",
+            "accelerator": "cpu",
+        },
+    )
+    for recipe in (one, two):
+        done = run_hybrid("train", str(recipe), "--no-progress")
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = one.parent / "runs"
+    expected, got = train_losses(runs / "one"), train_losses(runs / "two")
+    assert sorted(got) == sorted(expected) == [0, 1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    a = read_training_checkpoint(runs / "one" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_training_checkpoint(runs / "two" / "checkpoints" / "last.ckpt")["state_dict"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_recipe):
+    path = tiny_recipe(trainer={"max_steps": 400}, checkpoint={"every_steps": 1000})
+    run = path.parent / "runs" / "tiny"
+    process = subprocess.Popen(
+        [*HYBRID, "train", str(path), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
+    )  # fmt: skip
+    wait_for(lambda: len(train_losses(run)) >= 3 if run.exists() else False, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert "interrupted at step" in err and "--resume" in err
+    last = run / "checkpoints" / "last.ckpt"
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < step < 400
+    done = run_hybrid("train", str(path), "trainer.max_steps=" + str(step + 2), "--resume",
+                      "--no-progress")  # fmt: skip
+    # a changed max_steps changes the schedule, not the model: resuming is allowed
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == step + 2
+
+
+def test_kill_9_never_leaves_an_unloadable_last_checkpoint(tiny_recipe):
+    path = tiny_recipe(trainer={"max_steps": 400}, checkpoint={"every_steps": 1, "keep": 1})
+    last = path.parent / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    for delay in (0.0, 0.37, 0.81):
+        resume = ["--resume"] if last.exists() else []
+        process = subprocess.Popen(
+            [*HYBRID, "train", str(path), "--no-progress", *resume],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment(),
+        )  # fmt: skip
+        wait_for(last.exists, process)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        checkpoint = torch.load(last, weights_only=True)
+        assert checkpoint["global_step"] > 0
+        read_training_checkpoint(last)
+    leftovers = [p.name for p in last.parent.iterdir() if not p.name.endswith(".ckpt")]
+    assert not leftovers or all(name.startswith(".") for name in leftovers), leftovers
+
+
+def test_offline_wandb_run_contains_the_logged_metrics(tiny_recipe):
+    path = tiny_recipe(logging={"wandb": True, "wandb_mode": "offline", "project": "test"})
+    done = run_hybrid("train", str(path), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = path.parent / "runs" / "tiny"
+    assert "wandb sync" in done.stdout
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    history = read_history(files[0])
+    logged = {int(row["trainer/global_step"]): row["train/loss"] for row in history
+              if "train/loss" in row}  # fmt: skip
+    assert logged == pytest.approx(train_losses(run), rel=1e-6)
+    assert any("val/loss" in row for row in history)
+    assert any("moe/layer2/router_entropy" in row for row in history)
+    config = read_config(files[0])
+    csv_params = read_metrics(run)
+    assert csv_params and config["pattern"] == "M*E"
+    assert config["recipe"]["trainer"]["max_steps"] == 6 and config["params/active"] > 0

@@ -1,0 +1,200 @@
+"""`hybrid train` in-process on a tiny recipe: outputs, logged metrics, resume, bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from hybrid.checkpoint import load_model, read_training_checkpoint
+from hybrid.cli import main
+from hybrid.recipe import load_recipe, validate_recipe
+from hybrid.train.module import NonFiniteLossError
+from hybrid.train.optim import lr_multiplier
+from hybrid.train.run import train
+from tests.train.runs import read_metrics, train_losses
+
+
+class CtrlCAfter(pl.Callback):
+    """Sends this process a SIGINT (Ctrl-C) once ``steps`` optimizer steps are done."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.steps:
+            os.kill(os.getpid(), signal.SIGINT)
+            self.steps = -1  # once (with accumulation, several micro-batches end at a step)
+
+
+class PoisonWeights(pl.Callback):
+    """Makes the loss NaN from optimizer step ``step`` on."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, *_):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.model.final_norm.weight.fill_(float("nan"))
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return read_training_checkpoint(path)["state_dict"]
+
+
+def test_run_writes_recipe_checkpoints_model_and_metrics(tiny_recipe):
+    recipe = load_recipe(tiny_recipe())
+    result = train(recipe, progress_bar=False)
+    run = recipe.run_dir
+    assert result.steps == 6 and result.val_loss is not None and math.isfinite(result.val_loss)
+    assert validate_recipe(yaml.safe_load((run / "recipe.yaml").read_text())) == recipe
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step000006.ckpt"], ckpts  # keep=1: the newest step file
+    assert read_training_checkpoint(run / "checkpoints" / "last.ckpt")["meta"]["recipe"] == (
+        recipe.resolved()
+    )
+    assert {p.name for p in (run / "model").iterdir()} >= {"config.json", "model.safetensors"}
+    assert result.sample.startswith(recipe.eval.prompt)
+
+    rows = read_metrics(run)
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(6))
+    columns = set().union(*rows)
+    expected = {"train/loss", "train/ppl", "val/loss", "val/ppl", "lr", "grad_norm"}
+    expected |= {"tokens_per_s", "tokens_seen", "train/aux_loss"}
+    expected |= {f"moe/layer2/expert{e}" for e in range(4)}
+    expected |= {"moe/layer2/load_balance_loss", "moe/layer2/router_entropy"}
+    assert expected <= columns, expected - columns
+    for row in rows:
+        if "train/ppl" in row:
+            assert row["train/ppl"] == pytest.approx(math.exp(row["train/loss"]), rel=1e-5)
+        if "moe/layer2/expert0" in row:
+            fractions = [row[f"moe/layer2/expert{e}"] for e in range(4)]
+            assert sum(fractions) == pytest.approx(1.0)
+    multiplier = lr_multiplier(recipe.schedule, recipe.trainer.max_steps)
+    lrs = {int(r["step"]): r["lr"] for r in rows if "lr" in r}
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(recipe.optim.lr * multiplier(step)), step
+    tokens_per_step = recipe.trainer.micro_batch_size * recipe.data.seq_len
+    seen = sorted(r["tokens_seen"] for r in rows if "tokens_seen" in r)
+    assert seen[-1] == 6 * tokens_per_step and all(s % tokens_per_step == 0 for s in seen)
+
+    hparams = yaml.safe_load(next((run / "csv").glob("version_*/hparams.yaml")).read_text())
+    model = load_model(run)
+    assert hparams["params/active"] == model.num_parameters(active=True)
+    assert hparams["pattern"] == "M*E" and hparams["cache/bytes_per_token"] > 0
+    assert "git_commit" in hparams and hparams["data"]["unigram_val_loss"] > 0
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_recipe):
+    whole = load_recipe(tiny_recipe(name="whole", trainer={"grad_accum": 2}))
+    train(whole, progress_bar=False)
+    split = load_recipe(tiny_recipe(name="split", trainer={"grad_accum": 2}))
+    first = train(split, progress_bar=False, callbacks=[CtrlCAfter(3)])
+    assert first.interrupted and first.steps == 4  # stops at the end of the next step
+    second = train(split, resume=True, progress_bar=False)
+    assert second.steps == 6
+
+    expected, got = train_losses(whole.run_dir), train_losses(split.run_dir)
+    assert sorted(got) == sorted(expected) == list(range(6))
+    for step in range(6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    a = weights(whole.run_dir / "checkpoints" / "last.ckpt")
+    b = weights(split.run_dir / "checkpoints" / "last.ckpt")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_recipe):
+    recipe = load_recipe(tiny_recipe())
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        train(recipe, progress_bar=False, callbacks=[PoisonWeights(3)])
+    last = recipe.run_dir / "checkpoints" / "last.ckpt"
+    state = weights(last)
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    load_model(last)  # still loads
+
+
+def test_generate_from_a_training_checkpoint_without_the_recipe(tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe())
+    train(recipe, progress_bar=False)
+    capsys.readouterr()
+    last = recipe.run_dir / "checkpoints" / "last.ckpt"
+    model = load_model(last)
+    prompt = "import json"
+    ids = torch.tensor([list(prompt.encode())])
+    expected = model.generate(ids, 10)[0, ids.shape[1] :].tolist()
+    text = bytes(t for t in expected if t < 256).decode("utf-8", errors="replace")
+    for checkpoint in (last, recipe.run_dir):
+        code = main(["generate", "--checkpoint", str(checkpoint), "--prompt", prompt,
+                     "--max-new-tokens", "10", "--temperature", "0"])  # fmt: skip
+        assert code == 0
+        assert capsys.readouterr().out == prompt + text + "\n"
+
+
+def test_corrupt_checkpoints_fail_with_one_line(tiny_recipe, capsys):
+    path = tiny_recipe()
+    recipe = load_recipe(path)
+    train(recipe, progress_bar=False)
+    last = recipe.run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    code = main(["generate", "--checkpoint", str(last), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "last.ckpt: not a readable checkpoint" in err and err.count("\n") == 1
+    code = main(["train", str(path), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "last.ckpt: not a readable checkpoint" in err and err.count("\n") == 1
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tiny_recipe, capsys):
+    path = tiny_recipe(trainer={"max_steps": 2})
+    assert main(["train", str(path), "--resume", "--no-progress"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert main(["train", str(path), "--no-progress"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert main(["train", str(path), "--no-progress"]) == 2
+    assert "already holds a run; add --resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_model(tiny_recipe, capsys):
+    path = tiny_recipe(trainer={"max_steps": 2})
+    assert main(["train", str(path), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "model.d_model=48", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with another model config" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": {"source": {"format": "text", "paths": ["/nonexistent/*.txt"]}}}, "paths"),
+        ({"optim": {"lrr": 1.0}}, "optim.lrr: unknown key; did you mean 'optim.lr'?"),
+        ({"trainer": {"max_steps": "many"}}, "trainer.max_steps:"),
+        ({"model": {"pattern": "MQ"}}, "model."),
+        ({"empty": True}, "empty"),
+    ],
+)
+def test_bad_input_fails_before_the_model_is_built(
+    tiny_recipe, tmp_path, monkeypatch, capsys, change, message
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr("hybrid.train.module.HybridLM", no_model)
+    if change.pop("empty", False):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "a.txt").write_text("")
+        change = {"data": {"source": {"format": "text", "paths": [str(tmp_path / "empty/*.txt")]}}}
+    path = tiny_recipe(**change)
+    code = main(["train", str(path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
