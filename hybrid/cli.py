@@ -140,6 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
     if result.sample is not None:
         print(f"sample:\n{result.sample}")
     print(f"run directory: {result.run_dir}")
+    if result.wandb_offline_dir is not None:
+        print(f"W&B ran offline; upload the run with: wandb sync {result.wandb_offline_dir}")
     return 0
 
 

@@ -185,7 +185,19 @@ def _first_bytes(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
         yield text
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """The tokenizer saved in ``directory`` (``tokenizer.json``), else byte-level."""
-    path = Path(directory) / "tokenizer.json"
-    return HFTokenizer(path) if path.is_file() else ByteTokenizer()
+def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
+    """The tokenizer that goes with a checkpoint: ``tokenizer.json`` in a model directory (or
+    in a run directory's ``model/``), the one stored inside a ``hybrid train`` ``.ckpt`` file,
+    else byte-level."""
+    from hybrid.checkpoint import read_training_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    if path.is_file():
+        text = read_training_checkpoint(path)["meta"].get("tokenizer_json")
+        if text is None:
+            return ByteTokenizer()
+        import tokenizers
+
+        return HFTokenizer(tokenizers.Tokenizer.from_str(text))
+    json_path = path / "tokenizer.json"
+    return HFTokenizer(json_path) if json_path.is_file() else ByteTokenizer()

@@ -43,6 +43,7 @@ class TrainResult:
     unigram_val_loss: float
     sample: str | None
     interrupted: bool = False
+    wandb_offline_dir: Path | None = None  # an offline W&B run, for `wandb sync`
 
 
 def last_checkpoint(recipe: Recipe) -> Path:
@@ -205,15 +206,15 @@ def train(
 
     metrics = trainer.validate(module, datamodule=data, verbose=False)
     val_loss = metrics[0].get("val/loss") if metrics else None
-    sample = None
+    sample = wandb_offline_dir = None
     if trainer.is_global_zero:
         model = module.model.float().cpu().eval()
         export_model(model, tokenizer, run_dir / "model")
         sample = sample_completion(model, tokenizer, recipe)
-        if wandb_mode == "offline":
-            sync = run_dir / "wandb" / "latest-run"
-            print(f"W&B run saved offline; upload it with: wandb sync {sync}")
-    return TrainResult(run_dir, trainer.global_step, val_loss, unigram, sample)
+        wandb_offline_dir = finish_wandb(loggers) if wandb_mode == "offline" else None
+    return TrainResult(
+        run_dir, trainer.global_step, val_loss, unigram, sample, wandb_offline_dir=wandb_offline_dir
+    )
 
 
 def describe_run(
@@ -236,6 +237,19 @@ def describe_run(
             f"{recipe.trainer.max_steps} steps x {tokens_per_step:,} tokens; tracking: {tracking}",
         ]
     )
+
+
+def finish_wandb(loggers: list) -> Path | None:
+    """Closes the W&B run (so its files are complete) and returns its directory."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            directory = Path(run.dir).parent  # .../offline-run-<time>-<id>/files
+            run.finish()
+            return directory
+    return None
 
 
 def _tokenizer_json(run_dir: Path) -> str | None:

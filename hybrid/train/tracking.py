@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import netrc
 import os
 import secrets
 import string
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -35,14 +37,15 @@ def git_commit() -> str | None:
 
 
 def wandb_logged_in() -> bool:
-    """Whether W&B has credentials (``WANDB_API_KEY`` or ``wandb login``'s netrc entry)."""
+    """Whether W&B has credentials: ``WANDB_API_KEY``, or the netrc entry ``wandb login``
+    writes for its host. (Read without importing wandb: asking wandb itself sets up its
+    global settings, which then ignore the offline mode chosen afterwards.)"""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        import wandb
-
-        return bool(wandb.api.api_key)
-    except Exception:  # any wandb trouble means: not logged in
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
         return False
 
 
@@ -84,6 +87,7 @@ def build_loggers(
             tags=config.tags or None,
             save_dir=str(run_dir),
             offline=mode == "offline",
+            mode=mode,
             id=run_id,
             **kwargs,
         )

@@ -17,6 +17,7 @@ from hybrid.recipe import load_recipe, validate_recipe
 from hybrid.train.module import NonFiniteLossError
 from hybrid.train.optim import lr_multiplier
 from hybrid.train.run import train
+from tests.train.conftest import TINY_RECIPE
 from tests.train.runs import read_metrics, train_losses
 
 
@@ -198,3 +199,66 @@ def test_bad_input_fails_before_the_model_is_built(
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_bpe_run_saves_its_tokenizer_for_generation_and_resume(tiny_recipe, capsys):
+    path = tiny_recipe(tokenizer={"kind": "bpe", "vocab_size": 300}, trainer={"max_steps": 2})
+    recipe = load_recipe(path)
+    train(recipe, progress_bar=False)
+    capsys.readouterr()
+    saved = (recipe.run_dir / "tokenizer.json").read_text()
+    assert load_model(recipe.run_dir).config.vocab_size == 300
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(saved)
+    prompt = "def dumps(obj):"
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    model = load_model(recipe.run_dir)
+    new = model.generate(ids, 6)[0, ids.shape[1] :].tolist()
+    expected = tokenizer.decode(ids[0].tolist() + new)
+    for checkpoint in (recipe.run_dir / "checkpoints" / "last.ckpt", recipe.run_dir):
+        code = main(["generate", "--checkpoint", str(checkpoint), "--prompt", prompt,
+                     "--max-new-tokens", "6", "--temperature", "0"])  # fmt: skip
+        assert code == 0
+        assert capsys.readouterr().out.rstrip("\n") == expected.rstrip("\ufffd")
+    # a resumed run reuses the saved tokenizer instead of training a new one
+    resumed = load_recipe(path, ["trainer.max_steps=3"])
+    assert train(resumed, resume=True, progress_bar=False).steps == 3
+    assert (recipe.run_dir / "tokenizer.json").read_text() == saved
+
+
+USER_BLOCK = """
+from dataclasses import dataclass
+import torch
+from hybrid import Block, register_block
+
+@dataclass
+class GainOptions:
+    init: float = 1.0
+
+    def resolve(self, d_model, where):
+        return self
+
+@register_block("recipe_gain", symbol="G", options=GainOptions, role="feedforward")
+class Gain(Block):
+    def __init__(self, d_model, options, layer_idx):
+        super().__init__(d_model, options, layer_idx)
+        self.weight = torch.nn.Parameter(torch.full((d_model,), options.init))
+
+    def forward(self, hidden):
+        return hidden * self.weight
+"""
+
+
+def test_user_blocks_from_modules_listed_in_the_recipe(tiny_recipe, tmp_path, monkeypatch):
+    (tmp_path / "lab_gain_blocks.py").write_text(USER_BLOCK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = {**TINY_RECIPE["model"], "pattern": "M*G", "modules": ["lab_gain_blocks"],
+             "blocks": {"recipe_gain": {"init": 0.5}}}  # fmt: skip
+    recipe = load_recipe(tiny_recipe(model=model, trainer={"max_steps": 2}))
+    result = train(recipe, progress_bar=False)
+    assert result.steps == 2
+    loaded = load_model(recipe.run_dir)
+    assert loaded.config.layers == ["mamba2", "attention", "recipe_gain"]
+    gain = loaded.state_dict()["sublayers.2.block.weight"]
+    assert not torch.allclose(gain, torch.full_like(gain, 0.5))  # trained
