@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from hybrid.config import HybridConfig
 from hybrid.model import HybridLM
-from hybrid.overrides import apply_overrides, load_yaml
+from hybrid.overrides import apply_overrides
+from hybrid.recipe import TokenizerConfig, read_recipe_file
 from layers.registry import get_block
 
 
@@ -57,14 +57,7 @@ def load_model_config(
     """
     path = Path(source)
     if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
-        if not path.is_file():
-            raise ValueError(f"{source}: no such recipe file")
-        try:
-            recipe = load_yaml(path.read_text())
-        except yaml.YAMLError as error:
-            raise ValueError(f"{source}: not valid YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(recipe, dict):
-            raise ValueError(f"{source}: expected a mapping at the top level")
+        recipe = read_recipe_file(path)
         data = recipe.get("model", recipe)
         if not isinstance(data, dict):
             raise ValueError(f"{source}: model: expected a mapping")
@@ -80,8 +73,6 @@ def tokenizer_vocab_size(tokenizer: dict[str, Any]) -> int:
     """The vocabulary a recipe's tokenizer section gives (bytes: 256 + end-of-document)."""
     if tokenizer.get("kind", "byte") == "byte":
         return 257
-    from hybrid.recipe import TokenizerConfig
-
     return int(tokenizer.get("vocab_size", TokenizerConfig.model_fields["vocab_size"].default))
 
 

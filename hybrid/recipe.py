@@ -188,11 +188,11 @@ class RecipeError(ValueError):
     """A recipe problem, as one line naming the file or field."""
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe (model section included).
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a recipe file (not validated).
 
     Raises:
-        RecipeError: one line naming the file or the field and what is wrong.
+        RecipeError: missing file, invalid YAML, or not a mapping at the top level.
     """
     path = Path(path)
     if not path.is_file():
@@ -203,6 +203,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe (model section included).
+
+    Raises:
+        RecipeError: one line naming the file or the field and what is wrong.
+    """
+    data = read_recipe_file(path)
     try:
         data = apply_overrides(data, overrides or [])
     except ValueError as error:

@@ -60,6 +60,7 @@ def _quiet_lightning() -> None:
         ".*`val_check_interval`.*",
         ".*LeafSpec.*",
         ".*is deprecated.*",
+        ".*exists and is not empty.*",  # a resumed run's checkpoint directory
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
