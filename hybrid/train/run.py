@@ -105,6 +105,13 @@ def train(
             f"{run_dir}: already holds a run; add --resume to continue it, or set name=... "
             "or output_dir=... for a new one"
         )
+    accelerator = recipe.trainer.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if recipe.trainer.strategy == "fsdp" and not on_gpu:
+        raise TrainError(
+            "trainer.strategy: fsdp needs CUDA devices (Lightning's FSDP does not run on CPU); "
+            "use ddp"
+        )
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
@@ -144,8 +151,6 @@ def train(
     for logger in loggers:
         logger.log_hyperparams(run_summary(recipe, module, data.stats))
 
-    accelerator = trainer_config.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     precision = trainer_config.precision
     if precision == "auto":
         precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"

@@ -181,6 +181,7 @@ def test_resume_refuses_a_changed_model(tiny_recipe, capsys):
         ({"trainer": {"max_steps": "many"}}, "trainer.max_steps:"),
         ({"model": {"pattern": "MQ"}}, "model."),
         ({"empty": True}, "empty"),
+        ({"trainer": {"strategy": "fsdp", "accelerator": "cpu"}}, "trainer.strategy: fsdp"),
     ],
 )
 def test_bad_input_fails_before_the_model_is_built(
@@ -262,3 +263,27 @@ def test_user_blocks_from_modules_listed_in_the_recipe(tiny_recipe, tmp_path, mo
     assert loaded.config.layers == ["mamba2", "attention", "recipe_gain"]
     gain = loaded.state_dict()["sublayers.2.block.weight"]
     assert not torch.allclose(gain, torch.full_like(gain, 0.5))  # trained
+
+
+def test_bf16_mixed_precision_trains(tiny_recipe):
+    """The precision plumbing (on CPU: torch.autocast to bfloat16; ``auto`` picks it on GPU)."""
+    recipe = load_recipe(tiny_recipe(trainer={"max_steps": 3, "precision": "bf16-mixed"}))
+    result = train(recipe, progress_bar=False)
+    assert result.steps == 3 and math.isfinite(result.val_loss)
+    losses = train_losses(recipe.run_dir)
+    assert all(math.isfinite(v) for v in losses.values()) and losses[2] < losses[0]
+
+
+def test_training_flops_per_token_counts_matmuls_and_attention():
+    from hybrid import HybridConfig
+    from hybrid.train.run import training_flops_per_token
+
+    config = HybridConfig(
+        pattern="*-*-", vocab_size=100, d_model=64, attention={"n_heads": 4, "window": 16}
+    )
+    d, hidden = 64, config.layer_options[1].hidden_size
+    per_layer = 4 * d * d + 3 * d * hidden + 2 * d  # q, k, v, o; gate, up, down; two norms
+    matmul_params = 2 * per_layer + d  # plus the final norm
+    attention = 2 * 6 * 4 * 16 * 16  # per layer: 6 x heads x head_dim x min(window, L)
+    expected = 6 * matmul_params + 6 * 100 * 64 + attention
+    assert training_flops_per_token(config, seq_len=128) == expected
