@@ -35,17 +35,31 @@ class SourceConfig(Section):
     ``format`` picks the loader: ``text`` (files or globs; one document per file),
     ``jsonl`` / ``parquet`` (a ``text_field`` per record), ``disk`` (a dataset written by
     ``datasets``' ``save_to_disk``; ``path`` is its directory) or ``hub`` (a dataset name on
-    the Hugging Face hub, needs network; cached by ``datasets``). In ``paths``, ``{stdlib}``
-    stands for this Python's standard-library directory.
+    the Hugging Face hub, needs network; cached by ``datasets``), or ``mqar`` (synthetic
+    multi-query associative recall examples, configured by ``data.mqar``; no tokenizer). In
+    ``paths``, ``{stdlib}`` stands for this Python's standard-library directory.
     """
 
-    format: Literal["text", "jsonl", "parquet", "disk", "hub"] = "text"
+    format: Literal["text", "jsonl", "parquet", "disk", "hub", "mqar"] = "text"
     paths: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     text_field: str = "text"
     name: str | None = None
     subset: str | None = None
     split: str = "train"
+
+
+class MQARDataConfig(Section):
+    """Synthetic MQAR examples (Zoology): training examples from the recipe seed's training
+    stream, validation from its disjoint test stream, ``*_examples`` per ``kv_pairs`` value;
+    sequences of ``data.seq_len`` ids over a ``vocab_size`` vocabulary (keys from its first
+    half, values from its second)."""
+
+    vocab_size: int = Field(512, ge=8)
+    kv_pairs: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1)
+    train_examples: int = Field(20_000, ge=1)
+    val_examples: int = Field(256, ge=1)
+    power_a: float = Field(0.01, gt=0, le=1)
 
 
 class DataConfig(Section):
@@ -60,6 +74,7 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
     max_documents: int | None = Field(None, ge=1)
+    mqar: MQARDataConfig = Field(default_factory=MQARDataConfig)
 
 
 class TokenizerConfig(Section):

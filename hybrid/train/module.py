@@ -14,6 +14,7 @@ from hybrid.recipe import Recipe
 from hybrid.train.optim import build_optimizer, lr_multiplier
 
 CHECKPOINT_KEY = "hybrid"  # our metadata inside a Lightning checkpoint
+IGNORE_INDEX = -100  # targets that take no loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,15 +49,25 @@ class HybridLightningModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
 
-    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    @staticmethod
+    def _inputs_and_targets(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed rows (batch, seq_len + 1) shift into inputs and targets; a synthetic task's
+        ``(inputs, labels)`` pair (labels -100 where nothing is predicted) is used as is."""
+        if isinstance(batch, (list, tuple)):
+            return batch[0], batch[1]
+        return batch[:, :-1], batch[:, 1:]
+
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(lm loss, total loss, model output) for one micro-batch."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs, targets = self._inputs_and_targets(batch)
         out = self.model(inputs)
-        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        lm_loss = F.cross_entropy(
+            out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+        )
         total = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
         return lm_loss, total, out
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         lm_loss, total, out = self._loss(batch)
         finite = torch.isfinite(total.detach())
         if not self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
@@ -82,9 +93,14 @@ class HybridLightningModule(pl.LightningModule):
             metrics[f"moe/layer{layer}/router_entropy"] = float(stats["router_entropy"])
             self.log_dict(metrics, rank_zero_only=True)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        lm_loss, _, _ = self._loss(batch)
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        lm_loss, _, out = self._loss(batch)
         self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True)
+        if isinstance(batch, (list, tuple)):  # a recall task: accuracy on labelled positions
+            targets = batch[1]
+            mask = targets != IGNORE_INDEX
+            hits = (out.logits.argmax(-1)[mask] == targets[mask]).float().mean()
+            self.log("val/accuracy", hits, prog_bar=True, sync_dist=True)
         return lm_loss
 
     def on_validation_epoch_end(self) -> None:

@@ -84,6 +84,7 @@ def train(
     from lightning.pytorch.utilities import rank_zero_only
 
     from hybrid.data import HybridDataModule
+    from hybrid.data.synthetic import MQARDataModule
     from hybrid.train.callbacks import (
         AtomicCheckpointIO,
         StepProgressBar,
@@ -117,7 +118,8 @@ def train(
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
 
     trainer_config = recipe.trainer
-    data = HybridDataModule(
+    data_module = MQARDataModule if recipe.data.source.format == "mqar" else HybridDataModule
+    data = data_module(
         recipe.data,
         recipe.tokenizer,
         seed=recipe.seed,
@@ -327,8 +329,8 @@ def export_model(model, tokenizer, directory: Path) -> None:
 def sample_completion(model, tokenizer, recipe: Recipe) -> str | None:
     """The recipe's eval prompt continued by the trained model (seeded)."""
     options = recipe.eval
-    if options.max_new_tokens == 0 or not options.prompt:
-        return None
+    if options.max_new_tokens == 0 or not options.prompt or not hasattr(tokenizer, "encode"):
+        return None  # (a synthetic task has no text)
     ids = tokenizer.encode(options.prompt)
     output = model.generate(
         torch.tensor([ids]),
