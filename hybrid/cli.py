@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--to-hf", metavar="DIR", help="our checkpoint directory")
     convert.add_argument("--model-type", help="transformers model type (with --to-hf)")
     convert.add_argument("--out", required=True, help="directory to write")
+    commands.add_parser(
+        "eval",
+        help="long-context evaluations of a checkpoint: passkey, niah, ppl, decode, ...",
+        description="hybrid eval TASK --checkpoint PATH [options]; hybrid eval --help lists the "
+        "tasks, hybrid eval TASK --help a task's options.",
+        add_help=False,
+    )
     return parser
 
 
@@ -157,6 +164,11 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # its task decides its options: parsed by hybrid.eval.runner
+        from hybrid.eval.runner import main as run_eval
+
+        return run_eval(argv[1:])
     parser = build_parser()
     # Overrides may come after options (``info M* --context 8 d_model=64``), which argparse's
     # positional handling cannot interleave, so the leftovers are taken as overrides.

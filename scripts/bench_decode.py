@@ -75,10 +75,10 @@ import torch
 
 from hybrid import HybridConfig, HybridLM, pattern_from_periods
 from hybrid.cache import HybridCache
+from hybrid.eval.decode import fill_prefill, fill_random, time_decode
 from hybrid.info import describe
 from hybrid.model import HybridOutput
 from hybrid.speculative import speculative_generate
-from layers.attention import KVCache
 
 D_MODEL = 256
 VOCAB = 256
@@ -108,69 +108,6 @@ DRAFTS = {
 def make_config(pattern: str) -> HybridConfig:
     """A stack of the shared width; attention has 4 heads of 64, Mamba-2 its defaults."""
     return HybridConfig(pattern=pattern, vocab_size=VOCAB, d_model=D_MODEL)
-
-
-@torch.no_grad()
-def fill_random(cache: HybridCache, length: int, generator: torch.Generator) -> None:
-    """Make ``cache`` look as if it had consumed ``length`` real tokens, without running them.
-
-    KV entries: random keys/values in the slots of indices 0..length-1 (slot ``t % window``
-    for a sliding-window ring), with ``key_index`` and ``valid`` set there. Every other entry
-    (conv and SSM states): small random floating-point values.
-    """
-    for entry in cache.entries:
-        if entry is None:
-            continue
-        if isinstance(entry, KVCache):
-            capacity = entry.keys.shape[2]
-            index = torch.arange(max(0, length - capacity), length, device=entry.keys.device)
-            slots = index % capacity if entry.window is not None else index
-            shape = (*entry.keys.shape[:2], index.numel(), entry.keys.shape[3])
-            for tensor in (entry.keys, entry.values):
-                noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-                tensor[:, :, slots] = noise.to(device=tensor.device, dtype=tensor.dtype)
-            entry.key_index[:, slots] = index
-            entry.valid[:, slots] = True
-        else:
-            for tensor in entry.tensors().values():
-                if tensor.is_floating_point():
-                    noise = 0.1 * torch.randn(tensor.shape, generator=generator)
-                    tensor.copy_(noise.to(device=tensor.device, dtype=tensor.dtype))
-    cache.length = length
-    cache.real_lengths.fill_(length)
-
-
-@torch.inference_mode()
-def fill_prefill(model: HybridLM, cache: HybridCache, length: int, chunk: int) -> None:
-    """Run a random prompt of ``length`` tokens through ``model`` into ``cache``, in chunks."""
-    device = model.embedding.weight.device
-    ids = torch.randint(0, VOCAB, (1, length), device=device)
-    for start in range(0, length, chunk):
-        model(ids[:, start : start + chunk], cache=cache)
-
-
-@torch.inference_mode()
-def time_decode(
-    model: HybridLM,
-    cache: HybridCache,
-    warmup: int,
-    steps: int,
-    sync: Callable[[], None],
-) -> list[float]:
-    """Seconds of each of ``steps`` single-token decode steps, after ``warmup`` untimed ones."""
-    device = model.embedding.weight.device
-    tokens = torch.randint(0, VOCAB, (warmup + steps, 1, 1), device=device)
-    times = []
-    for i in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
-        logits = model(tokens[i], cache=cache).logits
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    if not bool(torch.isfinite(logits).all()):
-        raise RuntimeError("decode produced non-finite logits")
-    return times
 
 
 def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
