@@ -121,3 +121,55 @@ def accuracy_grid(
             score = accuracy(model, inputs, labels)
             rows.append({"seq_len": seq_len, "n_kv_pairs": pairs, "accuracy": score})
     return rows
+
+
+def run_mqar(
+    model: torch.nn.Module,
+    vocab_size: int,
+    seq_lens: list[int],
+    kv_pairs: list[int],
+    examples: int,
+    seed: int,
+    power_a: float = 0.01,
+) -> dict:
+    """:func:`accuracy_grid` as a results dict: ``{"task", "settings", "accuracy", "rows"}``."""
+    rows = accuracy_grid(model, vocab_size, seq_lens, kv_pairs, examples, seed, power_a)
+    mean = sum(r["accuracy"] for r in rows) / max(len(rows), 1)
+    settings = {"vocab_size": vocab_size, "seq_lens": seq_lens, "kv_pairs": kv_pairs,
+                "examples": examples, "seed": seed, "power_a": power_a}  # fmt: skip
+    return {"task": "mqar", "settings": settings, "accuracy": mean, "rows": rows}
+
+
+def add_arguments(parser) -> None:
+    """``hybrid eval mqar`` options (test examples come from the seed's test stream, disjoint
+    from what ``data.source.format: mqar`` trains on with the same seed)."""
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--kv-pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--examples", type=int, default=256, help="test examples per cell")
+    parser.add_argument(
+        "--vocab-size", type=int, default=None,
+        help="the task's vocabulary (default: the model's, as trained)",
+    )  # fmt: skip
+    parser.add_argument("--power-a", type=float, default=0.01)
+
+
+def check_arguments(args) -> None:
+    """Checks that need no model."""
+    for name in ("seq_lens", "kv_pairs"):
+        if any(value < 1 for value in getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')}: must be positive integers")
+    if args.examples < 1:
+        raise ValueError(f"--examples: must be a positive integer; got {args.examples}")
+
+
+def evaluate(args, model, tokenizer, progress: bool) -> dict:
+    """``hybrid eval mqar``: accuracy over sequence lengths x numbers of key-value pairs."""
+    vocab_size = args.vocab_size or model.config.vocab_size
+    if vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"--vocab-size: {vocab_size} exceeds the model's vocabulary {model.config.vocab_size}"
+        )
+    MQARSpec(vocab_size, max(args.seq_lens), 1, args.power_a).check()
+    return run_mqar(
+        model, vocab_size, args.seq_lens, args.kv_pairs, args.examples, args.seed, args.power_a
+    )

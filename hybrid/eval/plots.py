@@ -151,6 +151,26 @@ def plot_decode(results: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_mqar(results: dict[str, Any], path: str | Path) -> Path:
+    """MQAR accuracy against the number of key-value pairs, one line per sequence length."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    for seq_len in results["settings"]["seq_lens"]:
+        rows = sorted((r for r in results["rows"] if r["seq_len"] == seq_len),
+                      key=lambda r: r["n_kv_pairs"])  # fmt: skip
+        if rows:
+            ax.plot([r["n_kv_pairs"] for r in rows], [r["accuracy"] for r in rows], "o-",
+                    label=f"sequence length {seq_len}")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("key-value pairs")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(_title(results, "Multi-query associative recall"), fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +184,7 @@ PLOTS: dict[str, list[tuple[str, Callable[[dict[str, Any], Path], Path]]]] = {
     "niah": [("niah_accuracy.png", plot_niah)],
     "ppl": [("ppl_vs_length.png", plot_ppl_length), ("loss_vs_position.png", plot_ppl_position)],
     "decode": [("decode_cost.png", plot_decode)],
+    "mqar": [("mqar_accuracy.png", plot_mqar)],
 }
 """Each task's plots: file name and drawing function. A task with no entry draws nothing."""
 

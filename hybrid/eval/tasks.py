@@ -47,7 +47,6 @@ TASKS: dict[str, Task] = {
         ),
         Task("ppl", "hybrid.eval.ppl", "perplexity vs context length (1x..8x train) and position"),
         Task("decode", "hybrid.eval.decode", "decode ms/token and cache bytes vs context length"),
-        # MQAR (Zoology) lives in hybrid/eval/mqar.py; listed once that module exists.
         Task("mqar", "hybrid.eval.mqar", "multi-query associative recall (Zoology)"),
     )
 }

@@ -152,3 +152,30 @@ def test_training_on_mqar_logs_accuracy(tmp_path):
     accuracies = [r["val/accuracy"] for r in read_metrics(recipe.run_dir) if "val/accuracy" in r]
     assert accuracies and all(0 <= a <= 1 for a in accuracies)
     assert result.unigram_val_loss == pytest.approx(math.log(32))
+
+
+def test_hybrid_eval_mqar_writes_results_and_a_plot(tmp_path, capsys):
+    import json
+
+    from hybrid import HybridConfig, HybridLM
+    from hybrid.checkpoint import save_pretrained
+    from hybrid.cli import main
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig(pattern="*-", vocab_size=64, d_model=16,
+                                  attention={"n_heads": 2}))  # fmt: skip
+    save_pretrained(model, tmp_path / "model")
+    code = main(["eval", "mqar", "--checkpoint", str(tmp_path / "model"), "--seq-lens", "32",
+                 "--kv-pairs", "2", "4", "--examples", "8", "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    out = tmp_path / "eval" / "mqar"
+    results = json.loads((out / "results.json").read_text())
+    inputs, labels = make_examples(MQARSpec(64, 32, 4), 8, seed=0, stream=TEST_STREAM)
+    expected = accuracy(model.eval(), inputs, labels)
+    assert [r["n_kv_pairs"] for r in results["rows"]] == [2, 4]
+    assert results["rows"][1]["accuracy"] == pytest.approx(expected)
+    assert (out / "mqar_accuracy.png").stat().st_size > 0
+    for bad, message in ((["--kv-pairs", "0"], "--kv-pairs"), (["--vocab-size", "999"], "--vocab")):
+        code = main(["eval", "mqar", "--checkpoint", str(tmp_path / "model"), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
