@@ -1,0 +1,77 @@
+"""Findings 1-2: MQAR test accuracy of the attention, Mamba-2 and hybrid runs side by side.
+
+Reads ``RUNS/mqar_{attention,mamba2,hybrid}/eval/mqar/results.json`` (written by
+``hybrid eval mqar``) and writes ``OUT/mqar.json``, ``OUT/mqar.md`` (a table of accuracy by
+sequence length and number of key-value pairs) and ``OUT/mqar.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hybrid.eval import load_results
+
+LAYOUTS = {"attention": "*-*-", "mamba2": "M-M-", "hybrid": "M-*-"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs", help="directory holding the three runs")
+    parser.add_argument("--out", default="docs/findings")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        layout: load_results(Path(args.runs) / f"mqar_{layout}" / "eval" / "mqar")
+        for layout in LAYOUTS
+    }
+    (out / "mqar.json").write_text(json.dumps(results, indent=2))
+
+    cells = sorted(
+        {(r["seq_len"], r["n_kv_pairs"]) for res in results.values() for r in res["rows"]}
+    )
+    accuracy = {
+        (layout, r["seq_len"], r["n_kv_pairs"]): r["accuracy"]
+        for layout, res in results.items()
+        for r in res["rows"]
+    }
+    lines = [
+        "| sequence length | kv pairs | "
+        + " | ".join(f"{k} `{p}`" for k, p in LAYOUTS.items())
+        + " |",
+        "|---:|---:|" + "---:|" * len(LAYOUTS),
+    ]
+    for seq_len, pairs in cells:
+        values = " | ".join(
+            f"{accuracy.get((k, seq_len, pairs), float('nan')):.3f}" for k in LAYOUTS
+        )
+        lines.append(f"| {seq_len} | {pairs} | {values} |")
+    (out / "mqar.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq_lens = sorted({s for s, _ in cells})
+    figure, axes = plt.subplots(1, len(seq_lens), figsize=(4 * len(seq_lens), 3.5), sharey=True)
+    for axis, seq_len in zip(list(axes) if len(seq_lens) > 1 else [axes], seq_lens, strict=True):
+        for layout, pattern in LAYOUTS.items():
+            points = [(p, accuracy[(layout, s, p)]) for s, p in cells if s == seq_len
+                      and (layout, s, p) in accuracy]  # fmt: skip
+            axis.plot(*zip(*points, strict=True), "o-", label=f"{layout} {pattern}")
+        axis.set(xscale="log", xlabel="key-value pairs", title=f"sequence length {seq_len}")
+        axis.set_xscale("log", base=2)
+        axis.set_ylim(-0.05, 1.05)
+        axis.grid(True, alpha=0.3)
+    (axes[0] if len(seq_lens) > 1 else axes).set_ylabel("MQAR test accuracy")
+    (axes[0] if len(seq_lens) > 1 else axes).legend()
+    figure.tight_layout()
+    figure.savefig(out / "mqar.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The findings' recipes validate and differ only where the comparison says they do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hybrid.info import load_model_config
+from hybrid.recipe import load_recipe
+
+FINDINGS = Path(__file__).resolve().parents[1] / "recipes" / "findings"
+
+
+def test_mqar_recipes_differ_only_in_the_layout():
+    recipes = {
+        path.stem: load_recipe(path).resolved() for path in sorted(FINDINGS.glob("mqar_*.yaml"))
+    }
+    assert sorted(recipes) == ["mqar_attention", "mqar_hybrid", "mqar_mamba2"]
+    patterns = {name: recipe["model"].pop("pattern") for name, recipe in recipes.items()}
+    assert patterns == {"mqar_attention": "*-*-", "mqar_mamba2": "M-M-", "mqar_hybrid": "M-*-"}
+    for recipe in recipes.values():
+        recipe.pop("name")
+    first, *others = recipes.values()
+    assert all(other == first for other in others)
+    assert first["data"]["source"]["format"] == "mqar"
+    config = load_model_config(str(FINDINGS / "mqar_hybrid.yaml"))
+    assert config.vocab_size == first["data"]["mqar"]["vocab_size"]
