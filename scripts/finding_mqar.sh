@@ -12,7 +12,7 @@ for layout in attention mamba2 hybrid; do
   if [[ ! -f "$run/model/model.safetensors" ]]; then
     hybrid train "recipes/findings/mqar_$layout.yaml" logging.wandb=false --no-progress "$@"
   fi
-  hybrid eval mqar --checkpoint "$run" --seq-lens 64 128 256 --kv-pairs 2 4 8 16 32 64 \
+  hybrid eval mqar --checkpoint "$run" --seq-lens 64 128 256 --kv-pairs 2 4 8 16 32 \
     --examples 256 --no-progress
 done
 python3 scripts/finding_mqar_report.py --runs "$output_dir" --out docs/findings
