@@ -17,7 +17,7 @@ from layers.base import (
     require_choice,
     require_positive_int,
 )
-from layers.mlp import ACTIVATIONS, GATED, FeedForward, default_hidden_size
+from layers.mlp import ACTIVATIONS, GATED, FeedForward, activate, default_hidden_size
 from layers.registry import register_block
 
 
@@ -113,6 +113,7 @@ class Experts(nn.Module):
         self, n_experts: int, d_model: int, hidden: int, activation: str, bias: bool
     ) -> None:
         super().__init__()
+        self.activation = activation
         self.gated = activation in GATED
         self.act = ACTIVATIONS[activation]
         self.gate_proj = (
@@ -140,10 +141,10 @@ class Experts(nn.Module):
             return None if b is None else b[expert]
 
         up = F.linear(tokens, self.up_proj[expert], bias(self.up_bias))
+        gate = None
         if self.gated:
-            inner = self.act(F.linear(tokens, self.gate_proj[expert], bias(self.gate_bias))) * up
-        else:
-            inner = self.act(up)
+            gate = F.linear(tokens, self.gate_proj[expert], bias(self.gate_bias))
+        inner = activate(self.activation, up, gate)
         return F.linear(inner, self.down_proj[expert], bias(self.down_bias))
 
 
@@ -249,13 +250,12 @@ class MoE(Block):
         up = torch.einsum("td,ehd->teh", tokens, experts.up_proj)
         if experts.up_bias is not None:
             up = up + experts.up_bias
+        gate = None
         if experts.gated:
             gate = torch.einsum("td,ehd->teh", tokens, experts.gate_proj)
             if experts.gate_bias is not None:
                 gate = gate + experts.gate_bias
-            inner = experts.act(gate) * up
-        else:
-            inner = experts.act(up)
+        inner = activate(experts.activation, up, gate)
         out = torch.einsum("teh,edh->ted", inner, experts.down_proj)
         if experts.down_bias is not None:
             out = out + experts.down_bias

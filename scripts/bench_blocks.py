@@ -9,8 +9,15 @@ Model FLOPs per token: 2 x (parameters used in matmuls, LM head included, input 
 per-channel parameters excluded) + 4 x (L / 2) x (n_heads x head_dim) per causal attention
 layer. The SSD / selective-scan work is not counted, so the fraction is conservative.
 
+With ``--train`` it measures instead the training step of every block family: forward +
+backward seconds on a (batch, seqlen, d_model) input (by default 8 x 512 x 256, the shape of
+the same-budget recipes), each block against the Mamba-2 block, all blocks taking turns in
+every round so that a noisy machine affects them alike.
+
 Usage: python scripts/bench_blocks.py [--seqlen 2048] [--repeats 5] [--out docs/bench_blocks]
-Writes OUT.json and OUT.md (a markdown table) and prints the table.
+       python scripts/bench_blocks.py --train [--batch 8] [--seqlen 512] [--d-model 256]
+Writes OUT.json and OUT.md (a markdown table; OUT defaults to docs/bench_blocks, with --train
+docs/bench_blocks_train) and prints the table.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -27,7 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# Measure this checkout, whichever copy of the packages is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from hybrid import HybridConfig, HybridLM
+from layers.base import BlockOutput
 from layers.registry import get_block
 
 HYBRID = {
@@ -41,8 +53,8 @@ HYBRID = {
 BLOCKS = {
     "mamba2": ("M", {"mamba2": {"d_state": 64, "headdim": 64}}),
     "mamba1": ("S", {"mamba1": {"d_state": 16}}),
-    "attention": ("*", {"attention": {"n_heads": 6}}),
-    "attention_window256": ("*", {"attention": {"n_heads": 6, "window": 256}}),
+    "attention": ("*", {"attention": {"n_heads": 6, "head_dim": 64}}),
+    "attention_window256": ("*", {"attention": {"n_heads": 6, "head_dim": 64, "window": 256}}),
     "mlp": ("-", {"mlp": {"hidden_size": 1024}}),
     "moe_8x_top2": ("E", {"moe": {"n_experts": 8, "top_k": 2, "expert_hidden_size": 512}}),
 }
@@ -96,16 +108,75 @@ def model_flops_per_token(model: HybridLM, seqlen: int) -> float:
     return flops
 
 
+def make_block(name: str, d_model: int, device: torch.device) -> nn.Module:
+    """The block family ``name`` of BLOCKS at width ``d_model``, random weights."""
+    symbol, options = BLOCKS[name]
+    config = HybridConfig(symbol, vocab_size=256, d_model=d_model, **options)
+    return get_block(symbol).block_class(d_model, config.layer_options[0], 0).to(device)
+
+
+def bench_train(batch: int, seqlen: int, d_model: int, repeats: int, device: torch.device) -> dict:
+    """Forward + backward median seconds of every block family, blocks interleaved per round."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    x = torch.randn(batch, seqlen, d_model, device=device, requires_grad=True)
+    steps = {}
+    for name in BLOCKS:
+        block = make_block(name, d_model, device).train()
+
+        def step(block: nn.Module = block) -> None:
+            out = block(x)
+            hidden = out.hidden if isinstance(out, BlockOutput) else out
+            hidden.square().mean().backward()
+
+        steps[name] = step
+    times: dict[str, list[float]] = {name: [] for name in BLOCKS}
+    for round_ in range(repeats + 2):  # two warm-up rounds
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        name: {
+            "seconds": seconds[name],
+            "tokens_per_s": batch * seqlen / seconds[name],
+            "x_mamba2": seconds[name] / seconds["mamba2"],
+        }
+        for name in BLOCKS
+    }
+
+
+def markdown_train(results: dict, meta: dict) -> str:
+    lines = [
+        f"## Block forward + backward ({meta['date']}, {meta['device']}, batch {meta['batch']} "
+        f"x L = {meta['seqlen']}, d_model {meta['d_model']})",
+        "",
+        f"Medians of {meta['repeats']} rounds, every block once per round; loss = mean of the "
+        "squared output.",
+        "",
+        "| block | forward + backward ms | tokens/s | time / mamba2 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in results.items():
+        lines.append(
+            f"| {name} | {row['seconds'] * 1000:,.0f} | {row['tokens_per_s']:,.0f} | "
+            f"{row['x_mamba2']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def bench_cpu_and_gpu(seqlen: int, repeats: int, device: torch.device) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     results: dict = {"matmul_flops": matmul_rate(device, repeats, sync), "blocks": {}}
     d_model = HYBRID["d_model"]
     x = torch.randn(1, seqlen, d_model, device=device)
-    for name, (symbol, options) in BLOCKS.items():
-        config = HybridConfig(symbol, vocab_size=256, d_model=d_model, **options)
-        spec = get_block(symbol)
-        block = spec.block_class(d_model, config.layer_options[0], 0).to(device).eval()
+    for name in BLOCKS:
+        block = make_block(name, d_model, device).eval()
         with torch.inference_mode():
             seconds = median_seconds(lambda b=block: b(x), repeats, sync)
         results["blocks"][name] = {
@@ -215,23 +286,32 @@ def markdown(results: dict, meta: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--train", action="store_true", help="forward + backward per block")
+    parser.add_argument("--seqlen", type=int, help="default 2048, with --train 512")
+    parser.add_argument("--batch", type=int, default=8, help="--train only")
+    parser.add_argument("--d-model", type=int, default=256, help="--train only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="docs/bench_blocks")
+    parser.add_argument("--out", help="default docs/bench_blocks, with --train ..._train")
     args = parser.parse_args()
     device = torch.device(args.device)
+    seqlen = args.seqlen or (512 if args.train else 2048)
     meta = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "seqlen": args.seqlen,
+        "seqlen": seqlen,
     }
-    results = bench_cpu_and_gpu(args.seqlen, args.repeats, device)
-    table = markdown(results, meta)
-    out = Path(args.out)
+    if args.train:
+        meta.update(batch=args.batch, d_model=args.d_model, repeats=args.repeats)
+        results = bench_train(args.batch, seqlen, args.d_model, args.repeats, device)
+        table = markdown_train(results, meta)
+    else:
+        results = bench_cpu_and_gpu(seqlen, args.repeats, device)
+        table = markdown(results, meta)
+    out = Path(args.out or ("docs/bench_blocks_train" if args.train else "docs/bench_blocks"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=2))
     out.with_suffix(".md").write_text(table)

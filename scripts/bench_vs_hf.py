@@ -7,8 +7,14 @@ with random weights, saved, and loaded into hybrid with ``hybrid.convert.from_hf
 compute the same function. Every path is warmed up before timing; times are medians. Each
 (config, framework) pair runs in its own process so that its peak RSS is its own.
 
+On a shared machine the load changes while the processes run one after the other, and it can
+favour either side. ``--rounds N`` runs every (config, framework) process N times, the two
+frameworks taking turns, and reports the median of each metric over the rounds.
+
 Usage: python scripts/bench_vs_hf.py [--configs bamba jamba nemotron_h] [--repeats 3]
-Writes docs/bench_vs_hf.json and the table in docs/benchmarks.md.
+       [--rounds 1]
+Writes docs/bench_vs_hf.json and the "hybrid vs transformers" section of docs/benchmarks.md
+(other sections of that file are kept).
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Measure this checkout (the child processes too), whichever copy of hybrid is installed.
+sys.path.insert(0, str(ROOT))
 
 VOCAB = 1024
 
@@ -140,11 +150,31 @@ TARGETS = {  # hybrid / transformers, from the issue
 }
 
 
+SECTION = "## hybrid vs transformers"
+
+
+def median_results(runs: list[dict]) -> dict:
+    """Per-metric median over the rounds of one (config, framework)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def replace_section(document: str, section: str) -> str:
+    """``document`` with its SECTION (up to the next "## " heading) replaced by ``section``."""
+    if SECTION not in document:
+        return document.rstrip("\n") + "\n\n" + section
+    start = document.index(SECTION)
+    end = document.find("\n## ", start + len(SECTION))
+    rest = "" if end < 0 else "\n" + document[end + 1 :]
+    return document[:start] + section + rest
+
+
 def markdown(results: dict, meta: dict) -> str:
+    rounds = meta.get("rounds", 1)
+    medians = "medians" if rounds == 1 else f"medians (per metric, then over {rounds} rounds)"
     lines = [
-        f"## hybrid vs transformers {meta['transformers']} ({meta['date']}, {meta['device']})",
+        f"{SECTION} {meta['transformers']} ({meta['date']}, {meta['device']})",
         "",
-        "Same random weights in both (transformers model converted with `from_hf`); medians "
+        f"Same random weights in both (transformers model converted with `from_hf`); {medians} "
         "after warm-up; each framework in its own process. Speed-up = hybrid / transformers "
         "(for decode: transformers ms / hybrid ms). hybrid decodes with its static-shape step "
         "compiled by `torch.compile` (`generate(..., compile=True)`; the one-off compile, "
@@ -180,6 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["bamba", "jamba", "nemotron_h"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="processes per (config, framework)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "FRAMEWORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -187,28 +218,39 @@ def main() -> None:
         return
     import transformers
 
-    results = {}
     for name in args.configs:
         hf_config(name)  # fail fast on a bad name
-        results[name] = {}
-        for framework in ("transformers", "hybrid"):
-            child = subprocess.run(
-                [sys.executable, __file__, "--child", name, framework, "--repeats",
-                 str(args.repeats)],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            results[name][framework] = json.loads(child.stdout.strip().splitlines()[-1])
-            print(name, framework, results[name][framework], flush=True)
+    runs = {name: {"transformers": [], "hybrid": []} for name in args.configs}
+    for _ in range(args.rounds):
+        for name in args.configs:
+            for framework in ("transformers", "hybrid"):
+                child = subprocess.run(
+                    [sys.executable, __file__, "--child", name, framework, "--repeats",
+                     str(args.repeats)],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                runs[name][framework].append(json.loads(child.stdout.strip().splitlines()[-1]))
+                print(name, framework, runs[name][framework][-1], flush=True)
+    results = {
+        name: {framework: median_results(pair[framework]) for framework in pair}
+        for name, pair in runs.items()
+    }
     meta = {
         "date": date.today().isoformat(),
         "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
     }
-    docs = Path(__file__).resolve().parents[1] / "docs"
-    (docs / "bench_vs_hf.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
+    docs = ROOT / "docs"
+    (docs / "bench_vs_hf.json").write_text(
+        json.dumps({"meta": meta, **results, "rounds": runs}, indent=2)
+    )
     table = markdown(results, meta)
-    (docs / "benchmarks.md").write_text("# Benchmarks\n\n" + table)
+    benchmarks = docs / "benchmarks.md"
+    document = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
+    benchmarks.write_text(replace_section(document, table))
     print(table)
 
 

@@ -37,22 +37,32 @@ def _tail(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[..., x.shape[-1] - n :].contiguous()
 
 
-def _conv_taps(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal conv as ``width`` shifted multiply-adds, keeping xx's memory layout.
+def _conv_taps(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+) -> torch.Tensor:
+    """Depthwise causal conv as ``width`` shifted multiply-adds, keeping x's memory layout.
 
-    xx: (batch, dim, width - 1 + seqlen), the padded input; weight: (dim, width).
-    For channel-last memory (the transposed (batch, seqlen, dim) activations of the Mamba
-    blocks) this is ~4x faster than F.conv1d, which first copies to channel-first.
+    x: (batch, dim, seqlen); weight: (dim, width); initial_state: (batch, dim, width - 1) or
+    None (zeros). For channel-last memory (the transposed (batch, seqlen, dim) activations of
+    the Mamba blocks) this is ~4x faster than F.conv1d, which first copies to channel-first.
+    Each tap adds into a shifted slice of the output, so the input is never padded or copied;
+    the initial state only reaches the first ``width - 1`` outputs.
     """
     width = weight.shape[1]
-    seqlen = xx.shape[-1] - (width - 1)
+    seqlen = x.shape[-1]
     # (width, dim, 1): contiguous per tap so the innermost loop over channels is unit-stride.
     taps = weight.t().contiguous().unsqueeze(-1)
-    y = xx[..., width - 1 :] * taps[width - 1]
-    if bias is not None:
-        y += bias.unsqueeze(-1)
+    y = x * taps[-1] if bias is None else torch.addcmul(bias.unsqueeze(-1), x, taps[-1])
     for k in range(width - 1):
-        y.addcmul_(xx[..., k : k + seqlen], taps[k])
+        shift = width - 1 - k  # tap k reads the input ``shift`` steps back
+        if shift < seqlen:
+            y[..., shift:].addcmul_(x[..., : seqlen - shift], taps[k])
+        if initial_state is not None:
+            head = min(shift, seqlen)
+            y[..., :head].addcmul_(initial_state[..., k : k + head], taps[k])
     return y
 
 
@@ -99,22 +109,28 @@ def causal_conv1d(
     dtype_in = x.dtype
     # Match causal-conv1d's reference: compute in the weight's dtype, return x's dtype.
     xw = x.to(weight.dtype)
-    if initial_state is None:
-        initial_state = xw.new_zeros(x.shape[0], dim, width - 1)
-    init = initial_state.to(xw.dtype)
     if xw.stride(1) == 1 and xw.shape[-1] > 1:
-        # Channel-last memory: concatenate along time in that layout, output stays in it.
-        xx = torch.cat([init.transpose(1, 2), xw.transpose(1, 2)], dim=1).transpose(1, 2)
-        y = _conv_taps(xx, weight, bias)
+        # Channel-last memory: the output stays in it.
+        init = None if initial_state is None else initial_state.to(xw.dtype)
+        y = _conv_taps(xw, weight, bias, init)
     else:
-        xx = torch.cat([init, xw], dim=-1)
+        if initial_state is None:
+            initial_state = xw.new_zeros(x.shape[0], dim, width - 1)
+        xx = torch.cat([initial_state.to(xw.dtype), xw], dim=-1)
         y = F.conv1d(xx, weight.unsqueeze(1), bias, groups=dim)
     if silu:
         y = F.silu(y, inplace=not y.requires_grad)
     y = y.to(dtype_in)
     if return_final_state:
-        return y, _tail(xx, width - 1).to(dtype_in)
+        return y, _final_inputs(xw, initial_state, width - 1).to(dtype_in)
     return y
+
+
+def _final_inputs(x: torch.Tensor, initial_state: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The last ``n`` inputs of ``initial_state | x`` (zeros for a missing initial state)."""
+    if x.shape[-1] >= n or initial_state is None:
+        return _tail(x, n)
+    return _tail(torch.cat([initial_state.to(x.dtype), x], dim=-1), n)
 
 
 def causal_conv1d_step(

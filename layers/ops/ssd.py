@@ -125,7 +125,7 @@ def _pass_states(
 
 
 def _intra_factored(
-    xdt: torch.Tensor, cs: torch.Tensor, CB: torch.Tensor, heads: torch.Tensor
+    x: torch.Tensor, dt: torch.Tensor, cs: torch.Tensor, CB: torch.Tensor, heads: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Within-chunk output for the heads in ``heads`` via a factorised decay; zero elsewhere.
 
@@ -136,20 +136,20 @@ def _intra_factored(
     range within every chunk is bounded (see _FACTOR_RANGE); the others are zeroed here.
 
     Args:
-        xdt: (b, c, Q, h, p), dt * x; cs: (b, c, Q, h); CB: (b, c, g, Q, Q), tril(C B^T).
+        x: (b, c, Q, h, p); dt, cs: (b, c, Q, h); CB: (b, c, g, Q, Q), tril(C B^T).
         heads: (h,) bool, the heads to compute.
 
     Returns:
         y: (b, c, g, Q, r * p) to be scaled by u, u: (b, c, Q, h).
     """
-    b, c, Q, h, p = xdt.shape
+    b, c, Q, h, p = x.shape
     g = CB.shape[2]
     # Other heads get cs = 0 (factors 1) and v = 0: no overflow, no contribution, no gradient.
     cs = torch.where(heads, cs, 0.0)
     # The mid-range shift cancels exactly, so no gradient needs to flow through it.
     m = 0.5 * (cs.amax(2, keepdim=True) + cs.amin(2, keepdim=True)).detach()
-    v = (m - cs).exp() * heads
-    xv = (xdt * v.unsqueeze(-1)).view(b, c, Q, g, h // g * p).transpose(2, 3)
+    v = (m - cs).exp() * heads * dt  # per (position, head): one pass over x below
+    xv = (x * v.unsqueeze(-1)).view(b, c, Q, g, h // g * p).transpose(2, 3)
     return torch.matmul(CB, xv), (cs - m).exp()
 
 
@@ -200,7 +200,6 @@ def _scan_chunks(
     b, c, Q, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    xdt = x * dt.unsqueeze(-1)
     Bt, Ct = B.transpose(2, 3), C.transpose(2, 3)  # (b, c, g, Q, n)
 
     def per_head(t: torch.Tensor) -> torch.Tensor:
@@ -208,7 +207,8 @@ def _scan_chunks(
         return t.view(*t.shape[:3], g, r).transpose(2, 3).unsqueeze(-1)
 
     # 1. Each chunk's state from zero, B^T @ (exp(cs_end - cs) dt x), carried across chunks.
-    xe = (xdt * _decay(cs[:, :, -1:] - cs).unsqueeze(-1)).view(b, c, Q, g, r * p)
+    # Per-(position, head) factors are combined first: one pass over x, not two.
+    xe = (x * (_decay(cs[:, :, -1:] - cs) * dt).unsqueeze(-1)).view(b, c, Q, g, r * p)
     states = torch.matmul(Bt.transpose(-1, -2), xe.transpose(2, 3)).view(b, c, g, n, r, p)
     prev, final = _pass_states(states, cs[:, :, -1].view(b, c, g, r), init)
 
@@ -227,8 +227,9 @@ def _scan_chunks(
         n_factor = 0
     # In place below is autograd-safe: mul's and matmul's backward do not need their outputs.
     if n_factor:
-        y_in, u = _intra_factored(xdt, cs, CB, factor)
+        y_in, u = _intra_factored(x, dt, cs, CB, factor)
         y.addcmul_(y_in.view(b, c, g, Q, r, p), per_head(u))
+    xdt = x * dt.unsqueeze(-1) if n_factor < h else None
     if n_factor == 0:
         y += _intra_segsum(xdt, cs, CB, None).transpose(3, 4)
     y = y.transpose(2, 3).reshape(b, c, Q, h, p)  # a view when g == 1

@@ -34,3 +34,7 @@ def test_mlp_matches_formula(activation):
         inner = up * torch.sigmoid(up)
     expected = inner @ ffn.down_proj.weight.T + ffn.down_proj.bias
     torch.testing.assert_close(block(x), expected)
+    with torch.no_grad():  # the in-place activation path
+        torch.testing.assert_close(block(x), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), expected)

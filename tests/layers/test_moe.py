@@ -87,6 +87,8 @@ def test_moe_matches_per_token_loop(options):
     out = block(x)
     expected, chosen = moe_reference(block, x)
     torch.testing.assert_close(out.hidden, expected)
+    with torch.no_grad():  # in-place activations
+        torch.testing.assert_close(block(x).hidden, expected)
     counts = torch.zeros(options["n_experts"], dtype=torch.long)
     for top in chosen:
         counts[top] += 1
@@ -162,3 +164,5 @@ def test_dense_decode_path_equals_grouped_path(options):
     x = torch.randn(3, 1, 16, dtype=torch.float64)
     static = TokenContext(start=5, positions=torch.zeros(3, 1), static_start=torch.tensor(5))
     torch.testing.assert_close(block(x, context=static), block(x).hidden)
+    with torch.no_grad():  # in-place activations
+        torch.testing.assert_close(block(x, context=static), block(x).hidden)

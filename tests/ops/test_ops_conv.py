@@ -119,9 +119,12 @@ def test_silu_alias_matches_functional():
 
 @pytest.mark.parametrize("width", [1, 3, 4])
 @pytest.mark.parametrize("seqlen", [1, 2, 9])
-def test_channel_last_input_matches_reference(width, seqlen):
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_channel_last_input_matches_reference(width, seqlen, with_state, with_bias):
     """(batch, seqlen, dim) activations passed as a transposed view take the tap-loop path."""
     x, w, b, s = make(2, 5, seqlen, width)
+    b, s = b if with_bias else None, s if with_state else None
     x_cl = x.transpose(1, 2).contiguous().transpose(1, 2)
     y, final = causal_conv1d(
         x_cl, w, b, activation="silu", initial_state=s, return_final_state=True
