@@ -54,11 +54,16 @@ _MIN_CHUNK = 16
 def _skip_and_gate(
     y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
 ) -> torch.Tensor:
-    """y + D * u, then * silu(z); channels last: y, u, z (..., dim), D (dim,)."""
+    """y + D * u, then * silu(z); channels last: y, u, z (..., dim), D (dim,).
+
+    In place on ``y``, a fresh tensor, when autograd is off.
+    """
+    inplace = not needs_autograd(y, u, D, z)
     if D is not None:
-        y = torch.addcmul(y, u, D.to(y.dtype))
+        y = y.addcmul_(u, D.to(y.dtype)) if inplace else torch.addcmul(y, u, D.to(y.dtype))
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        gate = F.silu(z.to(y.dtype))
+        y = y.mul_(gate) if inplace else y * gate
     return y
 
 

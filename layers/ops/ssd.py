@@ -43,15 +43,18 @@ _FACTOR_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 def _skip_and_gate(
     y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
 ) -> torch.Tensor:
-    """y + D * x, then * silu(z).
+    """y + D * x, then * silu(z); in place on ``y``, a fresh tensor, when autograd is off.
 
     y, x, z: (..., nheads, headdim); D: (nheads,) or (nheads, headdim).
     """
+    inplace = not needs_autograd(y, x, D, z)
     if D is not None:
         Dv = D.to(y.dtype)
-        y = torch.addcmul(y, x, Dv.unsqueeze(-1) if Dv.dim() == 1 else Dv)
+        Dv = Dv.unsqueeze(-1) if Dv.dim() == 1 else Dv
+        y = y.addcmul_(x, Dv) if inplace else torch.addcmul(y, x, Dv)
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        gate = F.silu(z.to(y.dtype))
+        y = y.mul_(gate) if inplace else y * gate
     return y
 
 
@@ -214,7 +217,8 @@ def _scan_chunks(
 
     # 2. Output from the carried-in state: exp(cs_i) * C_i . H_prev.
     y = torch.matmul(Ct, prev.view(b, c, g, n, r * p)).view(b, c, g, Q, r, p)
-    y = y * per_head(_decay(cs))
+    decay = per_head(_decay(cs))
+    y = y * decay if needs_autograd(y, decay) else y.mul_(decay)
 
     # 3. Output from within the chunk: ((C B^T) * decay) @ (dt x). The causal mask goes on
     # C B^T, which is per group. Heads whose decay range allows it take the factorised path.
