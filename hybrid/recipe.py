@@ -36,11 +36,12 @@ class SourceConfig(Section):
     ``jsonl`` / ``parquet`` (a ``text_field`` per record), ``disk`` (a dataset written by
     ``datasets``' ``save_to_disk``; ``path`` is its directory) or ``hub`` (a dataset name on
     the Hugging Face hub, needs network; cached by ``datasets``), or ``mqar`` (synthetic
-    multi-query associative recall examples, configured by ``data.mqar``; no tokenizer). In
+    multi-query associative recall examples, configured by ``data.mqar``; no tokenizer), or
+    ``passkey`` (synthetic passkey-retrieval documents, configured by ``data.passkey``). In
     ``paths``, ``{stdlib}`` stands for this Python's standard-library directory.
     """
 
-    format: Literal["text", "jsonl", "parquet", "disk", "hub", "mqar"] = "text"
+    format: Literal["text", "jsonl", "parquet", "disk", "hub", "mqar", "passkey"] = "text"
     paths: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     text_field: str = "text"
@@ -62,6 +63,16 @@ class MQARDataConfig(Section):
     power_a: float = Field(0.01, gt=0, le=1)
 
 
+class PasskeyDataConfig(Section):
+    """Synthetic passkey-retrieval documents in the format of ``hybrid eval passkey``, each
+    exactly ``data.seq_len`` tokens: the prompt with a random 5-digit key at a random depth,
+    then the answer. ``supervise``: the loss on the answer only, or on every token."""
+
+    train_examples: int = Field(100_000, ge=1)
+    val_examples: int = Field(128, ge=1)
+    supervise: Literal["answer", "all"] = "answer"
+
+
 class DataConfig(Section):
     """Training and validation data: sources, packing and loading."""
 
@@ -75,6 +86,7 @@ class DataConfig(Section):
     cache_dir: str | None = None
     max_documents: int | None = Field(None, ge=1)
     mqar: MQARDataConfig = Field(default_factory=MQARDataConfig)
+    passkey: PasskeyDataConfig = Field(default_factory=PasskeyDataConfig)
 
 
 class TokenizerConfig(Section):

@@ -24,3 +24,25 @@ def test_mqar_recipes_differ_only_in_the_layout():
     assert first["data"]["source"]["format"] == "mqar"
     config = load_model_config(str(FINDINGS / "mqar_hybrid.yaml"))
     assert config.vocab_size == first["data"]["mqar"]["vocab_size"]
+
+
+def test_passkey_recipes_differ_only_in_the_layout_and_the_window():
+    recipes = {
+        path.stem: load_recipe(path).resolved()
+        for path in sorted(FINDINGS.glob("passkey_*.yaml"))
+    }
+    assert sorted(recipes) == ["passkey_attention", "passkey_samba"]
+    models = {name: recipe.pop("model") for name, recipe in recipes.items()}
+    assert models["passkey_attention"]["pattern"] == "*-*-"
+    assert "window" not in models["passkey_attention"]["attention"]  # full attention
+    assert models["passkey_samba"]["pattern"] == "S-*-"
+    window = models["passkey_samba"]["attention"].pop("window")
+    for recipe in recipes.values():
+        recipe.pop("name")
+    attention, samba = recipes.values()
+    assert attention == samba
+    assert attention["data"]["source"]["format"] == "passkey"
+    assert window < attention["data"]["seq_len"]  # the needle is usually beyond the window
+    for model in models.values():
+        model.pop("pattern")
+    assert models["passkey_attention"] == models["passkey_samba"]

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hybrid.eval import inference
-from hybrid.eval.haystack import Prompt, build_prompt, encode_segment, fixed_tokens, passkey_filler
+from hybrid.eval.haystack import (
+    Filler,
+    Prompt,
+    build_prompt,
+    encode_segment,
+    fixed_tokens,
+    passkey_filler,
+)
 from hybrid.eval.progress import batches, progress_bar
 
 if TYPE_CHECKING:
@@ -55,6 +62,36 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int) ->
         "\n" + QUESTION,
         passkey_filler(tokenizer),
     )
+
+
+def passkey_example(
+    tokenizer: Tokenizer, seq_len: int, key: int, depth: float, filler: Filler | None = None
+) -> tuple[list[int], list[int], int]:
+    """One training sequence: the passkey prompt, then the answer `` KEY``.
+
+    The prompt and the answer together are ``seq_len + 1`` ids; the model reads the first
+    ``seq_len`` (``inputs``) and predicts the next id at each position (``targets``).
+
+    Returns:
+        (inputs, targets, answer_tokens): two lists of ``seq_len`` ids; the answer is the last
+        ``answer_tokens`` targets (what :func:`score` reads from a generated continuation).
+
+    Raises:
+        ValueError: ``seq_len`` too short for the prompt and the answer.
+    """
+    answer = encode_segment(tokenizer, f" {key}")
+    prefix, suffix = TASK_DESCRIPTION + "\n", "\n" + QUESTION
+    length = seq_len + 1 - len(answer)
+    needed = fixed_tokens(tokenizer, prefix, [needle(key)], suffix)
+    if length < needed:
+        raise ValueError(
+            f"seq_len: {seq_len} is too short for a passkey example, which needs "
+            f"{needed + len(answer) - 1} tokens with this tokenizer"
+        )
+    filler = passkey_filler(tokenizer) if filler is None else filler
+    prompt = build_prompt(tokenizer, length, prefix, [(depth, needle(key))], suffix, filler)
+    ids = prompt.ids + answer
+    return ids[:-1], ids[1:], len(answer)
 
 
 def score(text: str, key: int) -> bool:

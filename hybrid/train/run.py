@@ -84,7 +84,7 @@ def train(
     from lightning.pytorch.utilities import rank_zero_only
 
     from hybrid.data import HybridDataModule
-    from hybrid.data.synthetic import MQARDataModule
+    from hybrid.data.synthetic import MQARDataModule, PasskeyDataModule
     from hybrid.train.callbacks import (
         AtomicCheckpointIO,
         StepProgressBar,
@@ -118,7 +118,8 @@ def train(
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
 
     trainer_config = recipe.trainer
-    data_module = MQARDataModule if recipe.data.source.format == "mqar" else HybridDataModule
+    synthetic = {"mqar": MQARDataModule, "passkey": PasskeyDataModule}
+    data_module = synthetic.get(recipe.data.source.format, HybridDataModule)
     data = data_module(
         recipe.data,
         recipe.tokenizer,

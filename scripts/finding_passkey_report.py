@@ -1,0 +1,79 @@
+"""Finding 3: passkey accuracy of the full-attention and the Samba-like runs by context length.
+
+Reads ``RUNS/passkey_{attention,samba}/eval/passkey/results.json`` (written by
+``hybrid eval passkey``) and writes ``OUT/passkey.json``, ``OUT/passkey.md`` (accuracy by
+context length, over all depths, and by depth) and ``OUT/passkey.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hybrid.eval import load_results
+
+LAYOUTS = {"attention": "*-*- (full RoPE attention)", "samba": "S-*- (Mamba-1 + SWA 128)"}
+TRAINING_LENGTH = 512
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs", help="directory holding the two runs")
+    parser.add_argument("--out", default="docs/findings")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        layout: load_results(Path(args.runs) / f"passkey_{layout}" / "eval" / "passkey")
+        for layout in LAYOUTS
+    }
+    (out / "passkey.json").write_text(json.dumps(results, indent=2))
+
+    def by_length(result: dict) -> dict[int, float]:
+        cells: dict[int, list[int]] = {}
+        for row in result["rows"]:
+            counts = cells.setdefault(row["length"], [0, 0])
+            counts[0] += row["correct"]
+            counts[1] += row["trials"]
+        return {length: correct / trials for length, (correct, trials) in sorted(cells.items())}
+
+    curves = {layout: by_length(result) for layout, result in results.items()}
+    lengths = sorted({length for curve in curves.values() for length in curve})
+    lines = [
+        "| layout | " + " | ".join(f"{n} ({n / TRAINING_LENGTH:g}x)" for n in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    for layout, curve in curves.items():
+        cells = " | ".join(f"{curve.get(n, float('nan')):.2f}" for n in lengths)
+        lines.append(f"| {layout} `{LAYOUTS[layout]}` | {cells} |")
+    lines += ["", "By depth (rows: layout and depth; columns: context length):", ""]
+    lines += ["| layout | depth | " + " | ".join(str(n) for n in lengths) + " |"]
+    lines += ["|---|---:|" + "---:|" * len(lengths)]
+    for layout, result in results.items():
+        for depth in result["settings"]["depths"]:
+            cells = {r["length"]: r["accuracy"] for r in result["rows"] if r["depth"] == depth}
+            values = " | ".join(f"{cells.get(n, float('nan')):.2f}" for n in lengths)
+            lines.append(f"| {layout} | {depth:g} | {values} |")
+    (out / "passkey.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    for layout, curve in curves.items():
+        axis.plot(list(curve), list(curve.values()), "o-", label=LAYOUTS[layout])
+    axis.axvline(TRAINING_LENGTH, color="grey", linestyle=":", label="training length")
+    axis.set_xscale("log", base=2)
+    axis.set(xlabel="context length (bytes)", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "passkey.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
