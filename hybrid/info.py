@@ -11,7 +11,7 @@ import torch
 from hybrid.config import HybridConfig
 from hybrid.model import HybridLM
 from hybrid.overrides import apply_overrides
-from hybrid.recipe import MQARDataConfig, TokenizerConfig, read_recipe_file
+from hybrid.recipe import MQARDataConfig, Recipe, TokenizerConfig, read_recipe_file
 from layers.registry import get_block
 
 
@@ -50,7 +50,9 @@ def load_model_config(
     """A config from a recipe file (its ``model`` section) or a pattern string.
 
     ``defaults`` (e.g. ``vocab_size``, ``d_model``) fill fields the source leaves unset;
-    ``overrides`` are dotted ``key=value`` strings applied last.
+    ``overrides`` are dotted ``key=value`` strings applied last: relative to the model
+    (``d_model=256``), or for a recipe also full recipe paths as ``hybrid train`` takes them
+    (``model.d_model=256``, ``data.mqar.vocab_size=256``).
 
     Raises:
         ValueError: unreadable recipe, or an invalid config (one line naming the field).
@@ -58,6 +60,11 @@ def load_model_config(
     path = Path(source)
     if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
         recipe = read_recipe_file(path)
+        if "model" in recipe:  # full recipe paths, as `hybrid train` takes them, apply first
+            sections = set(Recipe.model_fields)
+            full = [o for o in overrides or [] if o.partition("=")[0].split(".")[0] in sections]
+            recipe = apply_overrides(recipe, full)
+            overrides = [o for o in overrides or [] if o not in full]
         data = recipe.get("model", recipe)
         if not isinstance(data, dict):
             raise ValueError(f"{source}: model: expected a mapping")

@@ -63,6 +63,17 @@ def test_info_reads_a_recipe(tmp_path, capsys):
     assert code == 0 and "mamba1" in out
     # windowed attention keeps only 64 slots: 64 * (2 * 1 head * 32 * 2 bytes + 9) = 8768 bytes
     assert "8.6 KiB" in out
+    # overrides relative to the model, or full recipe paths as `hybrid train` takes them
+    for override in ("attention.window=32", "model.attention.window=32"):
+        code, out, _ = run(capsys, "info", str(recipe), override, "--context", "32768")
+        assert code == 0 and "4.3 KiB" in out and "8.6 KiB" not in out, override
+
+
+def test_info_applies_data_overrides_of_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {pattern: '*', d_model: 32}\ndata: {source: {format: mqar}}\n")
+    code, out, _ = run(capsys, "info", str(recipe), "data.mqar.vocab_size=100")
+    assert code == 0 and "vocab 100)" in out
 
 
 @pytest.mark.parametrize(

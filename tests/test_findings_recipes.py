@@ -28,8 +28,7 @@ def test_mqar_recipes_differ_only_in_the_layout():
 
 def test_passkey_recipes_differ_only_in_the_layout_and_the_window():
     recipes = {
-        path.stem: load_recipe(path).resolved()
-        for path in sorted(FINDINGS.glob("passkey_*.yaml"))
+        path.stem: load_recipe(path).resolved() for path in sorted(FINDINGS.glob("passkey_*.yaml"))
     }
     assert sorted(recipes) == ["passkey_attention", "passkey_samba"]
     models = {name: recipe.pop("model") for name, recipe in recipes.items()}
