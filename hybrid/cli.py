@@ -7,11 +7,13 @@ import sys
 
 import torch
 
+from hybrid.argparsing import OneLineParser
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hybrid", description="Build, train and evaluate hybrid transformer / SSM models."
     )
     commands = parser.add_subparsers(dest="command", required=True)

@@ -98,3 +98,20 @@ def test_module_entry_point_exit_code():
     )
     assert result.returncode == 2
     assert result.stderr.startswith("hybrid info: error: pattern[2]: unknown block '?'")
+
+
+@pytest.mark.parametrize(
+    ("argv", "start"),
+    [
+        ([], "hybrid: error: the following arguments are required: command"),
+        (["train"], "hybrid train: error: the following arguments are required: recipe"),
+        (["generate", "--prompt", "x"], "hybrid generate: error: the following arguments"),
+        (["info", "M", "--context", "x"], "hybrid info: error: argument --context"),
+        (["info", "M", "--bogus"], "hybrid: error: unrecognized arguments: --bogus"),
+    ],
+)
+def test_argument_errors_of_every_command_are_one_line(capsys, argv, start):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(start) and err.count("\n") == 1, err

@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
+from hybrid.argparsing import OneLineParser
 from hybrid.checkpoint import load_model, resolve_checkpoint
 from hybrid.cli import DTYPES
 from hybrid.eval.checkpoints import default_out_dir
@@ -27,13 +28,6 @@ from hybrid.eval.tasks import Task, available_tasks, load_task
 from hybrid.tokenizer import load_tokenizer
 
 USAGE = "hybrid eval TASK --checkpoint PATH [options]"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def task_list(tasks: dict[str, Task]) -> str:
