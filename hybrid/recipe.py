@@ -64,9 +64,10 @@ class MQARDataConfig(Section):
 
 
 class PasskeyDataConfig(Section):
-    """Synthetic passkey-retrieval documents in the format of ``hybrid eval passkey``, each
-    exactly ``data.seq_len`` tokens: the prompt with a random 5-digit key at a random depth,
-    then the answer. ``supervise``: the loss on the answer only, or on every token."""
+    """Synthetic passkey-retrieval sequences of ``data.seq_len`` tokens in the format of
+    ``hybrid eval passkey``: the prompt with a random 5-digit key at a random depth and of a
+    random length (after a filler document when shorter than the sequence), then the answer
+    `` KEY.``. ``supervise``: the loss on the answer only, or on every token."""
 
     train_examples: int = Field(100_000, ge=1)
     val_examples: int = Field(128, ge=1)

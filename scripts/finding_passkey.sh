@@ -13,7 +13,7 @@ for layout in attention samba; do
   if [[ ! -f "$run/model/model.safetensors" ]]; then
     hybrid train "recipes/findings/passkey_$layout.yaml" logging.wandb=false --no-progress "$@"
   fi
-  hybrid eval passkey --checkpoint "$run" --lengths 512 1024 2048 4096 8192 \
+  hybrid eval passkey --checkpoint "$run" --lengths 384 512 1024 2048 4096 8192 \
     --depths 0 0.25 0.5 0.75 1 --trials 8 --batch-size 8 --no-progress
 done
 python3 scripts/finding_passkey_report.py --runs "$output_dir" --out docs/findings

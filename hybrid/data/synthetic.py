@@ -150,8 +150,9 @@ class MQARDataModule(SyntheticDataModule):
 class PasskeyExamples(Dataset):
     """Passkey training sequences made on demand: example ``i`` of a stream is always the same.
 
-    Each draws a 5-digit key and a needle depth uniform in [0, 1] from its own seeded random
-    stream and is :func:`hybrid.eval.passkey.passkey_example` of ``seq_len`` tokens. Labels
+    Each draws a 5-digit key, a needle depth and a prompt length (between the shortest prompt
+    and the whole sequence) uniformly from its own seeded random stream and is
+    :func:`hybrid.eval.passkey.passkey_example` of ``seq_len`` tokens. Labels
     are the answer ids only (``supervise="answer"``) or every next id (``"all"``).
     """
 
@@ -174,9 +175,9 @@ class PasskeyExamples(Dataset):
         if not 0 <= index < self.count:
             raise IndexError(index)
         rng = random.Random(f"passkey-train-{self.seed}-{self.stream}-{index}")
-        key, depth = rng.randint(10000, 99999), rng.random()
+        key, depth, length_fraction = rng.randint(10000, 99999), rng.random(), rng.random()
         inputs, targets, answer = passkey_example(
-            self.tokenizer, self.seq_len, key, depth, self.filler
+            self.tokenizer, self.seq_len, key, depth, length_fraction, self.filler
         )
         labels = torch.tensor(targets)
         if self.supervise == "answer":
@@ -187,9 +188,8 @@ class PasskeyExamples(Dataset):
 def _passkey_text(seed: int, index: int, length: int = 1024) -> str:
     """A passkey document of ``length`` characters with its answer (BPE training text)."""
     rng = random.Random(f"passkey-text-{seed}-{index}")
-    inputs, targets, _ = passkey_example(
-        ByteTokenizer(), length, rng.randint(10000, 99999), rng.random()
-    )
+    key, depth = rng.randint(10000, 99999), rng.random()
+    inputs, targets, _ = passkey_example(ByteTokenizer(), length, key, depth)  # no lead: bytes
     return bytes(inputs + targets[-1:]).decode("utf-8")
 
 

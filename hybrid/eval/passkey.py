@@ -65,32 +65,44 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int) ->
 
 
 def passkey_example(
-    tokenizer: Tokenizer, seq_len: int, key: int, depth: float, filler: Filler | None = None
+    tokenizer: Tokenizer,
+    seq_len: int,
+    key: int,
+    depth: float,
+    length_fraction: float = 1.0,
+    filler: Filler | None = None,
 ) -> tuple[list[int], list[int], int]:
-    """One training sequence: the passkey prompt, then the answer `` KEY``.
+    """One training sequence: the passkey prompt, then the answer `` KEY.``.
 
-    The prompt and the answer together are ``seq_len + 1`` ids; the model reads the first
-    ``seq_len`` (``inputs``) and predicts the next id at each position (``targets``).
+    The prompt is exactly the one :func:`run_passkey` asks, of a length between the shortest
+    prompt (``length_fraction`` 0) and all the room the answer leaves (1). When it is shorter
+    than that room, filler text ending with the end-of-document id comes first (another
+    document, as in packed training data), so the question sits at varying positions. The
+    sequence has ``seq_len + 1`` ids; the model reads the first ``seq_len`` (``inputs``) and
+    predicts the next id at each position (``targets``).
 
     Returns:
         (inputs, targets, answer_tokens): two lists of ``seq_len`` ids; the answer is the last
-        ``answer_tokens`` targets (what :func:`score` reads from a generated continuation).
+        ``answer_tokens`` targets.
 
     Raises:
         ValueError: ``seq_len`` too short for the prompt and the answer.
     """
-    answer = encode_segment(tokenizer, f" {key}")
+    answer = encode_segment(tokenizer, f" {key}.")
     prefix, suffix = TASK_DESCRIPTION + "\n", "\n" + QUESTION
-    length = seq_len + 1 - len(answer)
-    needed = fixed_tokens(tokenizer, prefix, [needle(key)], suffix)
-    if length < needed:
+    room = seq_len + 1 - len(answer)
+    shortest = fixed_tokens(tokenizer, prefix, [needle(key)], suffix)
+    if room < shortest:
         raise ValueError(
             f"seq_len: {seq_len} is too short for a passkey example, which needs "
-            f"{needed + len(answer) - 1} tokens with this tokenizer"
+            f"{shortest + len(answer) - 1} tokens with this tokenizer"
         )
+    length = shortest + round(min(max(length_fraction, 0.0), 1.0) * (room - shortest))
     filler = passkey_filler(tokenizer) if filler is None else filler
     prompt = build_prompt(tokenizer, length, prefix, [(depth, needle(key))], suffix, filler)
-    ids = prompt.ids + answer
+    lead = room - length
+    before = filler.tokens(lead - 1)[0] + [tokenizer.eos_id] if lead else []
+    ids = before + prompt.ids + answer
     return ids[:-1], ids[1:], len(answer)
 
 

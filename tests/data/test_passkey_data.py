@@ -9,8 +9,15 @@ import torch
 
 from hybrid.data.errors import DataError
 from hybrid.data.synthetic import PasskeyDataModule, PasskeyExamples
+from hybrid.eval.haystack import fixed_tokens
 from hybrid.eval.mqar import IGNORE_INDEX, TEST_STREAM, TRAIN_STREAM
-from hybrid.eval.passkey import QUESTION, passkey_example, passkey_prompt
+from hybrid.eval.passkey import (
+    QUESTION,
+    TASK_DESCRIPTION,
+    needle,
+    passkey_example,
+    passkey_prompt,
+)
 from hybrid.recipe import DataConfig, TokenizerConfig
 from hybrid.tokenizer import ByteTokenizer
 
@@ -24,32 +31,50 @@ def text(ids) -> str:
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
 def test_an_example_is_the_evaluation_prompt_then_its_answer(depth):
     inputs, targets, answer = passkey_example(BYTES, 400, 12345, depth)
-    assert len(inputs) == len(targets) == 400 and answer == len(" 12345")
+    assert len(inputs) == len(targets) == 400 and answer == len(" 12345.")
     assert inputs[1:] == targets[:-1]
     # the same prompt `hybrid eval passkey` asks at this length, then the answer
     prompt = passkey_prompt(BYTES, 400 + 1 - answer, depth, 12345)
     assert inputs[: len(prompt.ids)] == prompt.ids
-    assert text(targets).endswith(QUESTION + " 12345")
-    assert text(targets[-answer:]) == " 12345"
+    assert text(targets).endswith(QUESTION + " 12345.")
+    assert text(targets[-answer:]) == " 12345."
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_a_shorter_prompt_follows_another_document(fraction):
+    inputs, targets, answer = passkey_example(BYTES, 400, 12345, 0.5, fraction)
+    ids = inputs + targets[-1:]
+    eos = ids.index(BYTES.eos_id)
+    assert ids.count(BYTES.eos_id) == 1 and text(ids[:eos]).startswith(" The grass is green.")
+    # after the end-of-document id: the evaluation prompt of the remaining length, the answer
+    length = len(ids) - eos - 1 - answer
+    assert ids[eos + 1 : eos + 1 + length] == passkey_prompt(BYTES, length, 0.5, 12345).ids
+    shortest = fixed_tokens(BYTES, TASK_DESCRIPTION + "\n", [needle(12345)], "\n" + QUESTION)
+    room = 400 + 1 - answer
+    assert length == shortest + round(fraction * (room - shortest))
+    assert text(ids[-answer:]) == " 12345."
 
 
 def test_examples_are_seeded_labelled_on_the_answer_and_streams_differ():
     train = PasskeyExamples(BYTES, 600, 50, seed=7, stream=TRAIN_STREAM)
     again = PasskeyExamples(BYTES, 600, 50, seed=7, stream=TRAIN_STREAM)
     test = PasskeyExamples(BYTES, 600, 50, seed=7, stream=TEST_STREAM)
-    keys, starts = set(), []
+    keys, starts, lengths = set(), [], []
     for index in range(50):
         inputs, labels = train[index]
         assert inputs.shape == labels.shape == (600,) and inputs.dtype == torch.int64
         assert torch.equal(inputs, again[index][0])
         answer = labels[labels != IGNORE_INDEX]
-        assert (labels[:-6] == IGNORE_INDEX).all() and len(answer) == 6
-        key = re.search(r"pass key is (\d{5})\.", text(inputs)).group(1)
-        assert text(answer) == f" {key}"  # the label is the hidden key
+        assert (labels[:-7] == IGNORE_INDEX).all() and len(answer) == 7
+        prompt = inputs[inputs.tolist().index(256) + 1 :] if 256 in inputs else inputs
+        key = re.search(r"pass key is (\d{5})\.", text(prompt)).group(1)
+        assert text(answer) == f" {key}."  # the label is the hidden key
         keys.add(key)
-        starts.append(text(inputs).index("The pass key is"))
-    # keys vary, and needles spread over the ~350 filler bytes (prefix ~170, question ~40)
-    assert len(keys) == 50 and max(starts) - min(starts) > 250
+        starts.append(text(prompt).index("The pass key is"))
+        lengths.append(len(prompt))
+    # keys vary; needles spread over the filler, prompt lengths over the room (~250-594)
+    assert len(keys) == 50 and max(starts) - min(starts) > 150
+    assert min(lengths) < 300 and max(lengths) > 550
     assert not torch.equal(train[0][0], test[0][0])
     everything = PasskeyExamples(BYTES, 300, 5, seed=7, stream=TRAIN_STREAM, supervise="all")
     inputs, labels = everything[0]
