@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Finding 3 (Samba): train the two passkey recipes (full RoPE attention, Mamba-1 + sliding-window
-# attention) on passkey documents of 512 bytes, evaluate each with `hybrid eval passkey` at
-# 1x-16x that length, and write docs/findings/passkey.{json,md,png}. About 40 minutes on 2 CPU
-# cores.
+# attention) on passkey sequences of 512 bytes, evaluate each with `hybrid eval passkey` at
+# 0.75x-16x that length, and write docs/findings/passkey.{json,md,png} and the two heatmaps.
+# About 40 minutes on 2 CPU cores.
 #   bash scripts/finding_passkey.sh [extra recipe overrides, e.g. output_dir=/tmp/runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,6 @@ for layout in attention samba; do
   fi
   hybrid eval passkey --checkpoint "$run" --lengths 384 512 1024 2048 4096 8192 \
     --depths 0 0.25 0.5 0.75 1 --trials 8 --batch-size 8 --no-progress
+  cp "$run/eval/passkey/passkey_heatmap.png" "docs/findings/passkey_heatmap_$layout.png"
 done
 python3 scripts/finding_passkey_report.py --runs "$output_dir" --out docs/findings
