@@ -152,8 +152,8 @@ def test_literal_choices_are_listed(section, field):
 def test_literal_choices_in_a_nested_section():
     message = error_of(recipe_data(data={"source": {"format": "csv"}}))
     assert message == (
-        "data.source.format: input should be 'text', 'jsonl', 'parquet', 'disk', 'hub' or 'mqar' "
-        "(got 'csv')"
+        "data.source.format: input should be 'text', 'jsonl', 'parquet', 'disk', 'hub', 'mqar' "
+        "or 'passkey' (got 'csv')"
     )
 
 
