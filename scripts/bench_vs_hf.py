@@ -12,9 +12,11 @@ favour either side. ``--rounds N`` runs every (config, framework) process N time
 frameworks taking turns, and reports the median of each metric over the rounds.
 
 Usage: python scripts/bench_vs_hf.py [--configs bamba jamba nemotron_h] [--repeats 3]
-       [--rounds 3]
-Writes docs/bench_vs_hf.json and the "hybrid vs transformers" section of docs/benchmarks.md
-(other sections of that file are kept).
+       [--rounds 3] [--device cpu|cuda]
+Writes docs/bench_vs_hf.json (bench_vs_hf_cuda.json) and the "hybrid vs transformers on CPU"
+("... on CUDA") section of docs/benchmarks.md (other sections of that file are kept). On CUDA
+install the kernels first (`pip install --no-build-isolation -e ".[gpu]"`), so that both sides
+run them.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 VOCAB = 1024
 
 
-def hf_config(name: str):
-    """A ~10 M-parameter transformers config of each family."""
+def hf_config(name: str, kernels: bool = False):
+    """A ~10 M-parameter transformers config of each family (``kernels``: Jamba's CUDA path)."""
     from transformers import BambaConfig, JambaConfig, NemotronHConfig
 
     if name == "bamba":
@@ -58,7 +60,7 @@ def hf_config(name: str):
             num_attention_heads=4, num_key_value_heads=2, attn_layer_period=8,
             attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=4,
             num_experts_per_tok=2, mamba_d_state=16, mamba_expand=2, tie_word_embeddings=True,
-            use_mamba_kernels=False,
+            use_mamba_kernels=kernels,
         )  # fmt: skip
     if name == "nemotron_h":
         return NemotronHConfig(
@@ -75,36 +77,49 @@ def hf_config(name: str):
 SLOW_SECONDS = 60.0  # a warm-up call slower than this is timed once more, not ``repeats`` times
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
+def synchronize() -> None:
+    """Waits for queued CUDA work, so that a wall-clock interval covers it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(run: Callable[[], object]) -> float:
+    synchronize()
     start = time.perf_counter()
-    run()  # first calls are several times slower
-    if time.perf_counter() - start > SLOW_SECONDS:
+    run()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    if timed(run) > SLOW_SECONDS:  # the first calls are several times slower
         repeats = 1  # transformers' per-token Mamba-1 training path: minutes per step
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(run) for _ in range(repeats))
 
 
-def measure(name: str, framework: str, repeats: int) -> dict:
-    """All measurements of one framework on one config (run in a child process)."""
+def measure(name: str, framework: str, repeats: int, device: str = "cpu") -> dict:
+    """All measurements of one framework on one config (run in a child process).
+
+    On CUDA both sides use their fused kernels (transformers' ``use_mamba_kernels``, our
+    dispatch to mamba-ssm / causal-conv1d when they import) and peak memory is the CUDA
+    allocator's peak instead of the process's RSS.
+    """
     from transformers import AutoModelForCausalLM
 
     from hybrid.convert import from_hf
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
-        AutoModelForCausalLM.from_config(hf_config(name)).save_pretrained(directory)
+        config = hf_config(name, kernels=device.startswith("cuda"))
+        AutoModelForCausalLM.from_config(config).save_pretrained(directory)
         model = (
             AutoModelForCausalLM.from_pretrained(directory)
             if framework == "transformers"
             else from_hf(directory)
         )
-    model = model.float()
+    model = model.float().to(device)
     params = sum(p.numel() for p in model.parameters())
-    ids = {length: torch.randint(0, VOCAB, (1, length)) for length in (1024, 4096)}
+    ids = {length: torch.randint(0, VOCAB, (1, length), device=device) for length in (1024, 4096)}
     result: dict = {"parameters": params}
     model.eval()
     with torch.inference_mode():
@@ -128,12 +143,10 @@ def measure(name: str, framework: str, repeats: int) -> dict:
             result["decode_ms_per_token"] = decode_ms()
         else:
             result["decode_eager_ms_per_token"] = decode_ms()
-            start = time.perf_counter()
-            generate(2, compile=True)
-            result["decode_compile_seconds"] = time.perf_counter() - start
+            result["decode_compile_seconds"] = timed(lambda: generate(2, compile=True))
             result["decode_ms_per_token"] = decode_ms(compile=True)
     model.train()
-    batch = torch.randint(0, VOCAB, (4, 512))
+    batch = torch.randint(0, VOCAB, (4, 512), device=device)
 
     def train_step() -> None:
         logits = model(batch).logits
@@ -145,6 +158,8 @@ def measure(name: str, framework: str, repeats: int) -> dict:
 
     result["train_tokens_per_s"] = batch.numel() / median_seconds(train_step, repeats)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -156,7 +171,7 @@ TARGETS = {  # hybrid / transformers, from the issue
 }
 
 
-SECTION = "## hybrid vs transformers"
+SECTION = "## hybrid vs transformers"  # then " on CPU" / " on CUDA": one section per kind
 
 
 def median_results(runs: list[dict]) -> dict:
@@ -164,12 +179,13 @@ def median_results(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its SECTION (up to the next "## " heading) replaced by ``section``."""
-    if SECTION not in document:
+def replace_section(document: str, section: str, heading: str) -> str:
+    """``document`` with the section starting ``heading`` (up to the next "## " heading)
+    replaced by ``section``, or with ``section`` added at the end."""
+    if heading not in document:
         return document.rstrip("\n") + "\n\n" + section
-    start = document.index(SECTION)
-    end = document.find("\n## ", start + len(SECTION))
+    start = document.index(heading)
+    end = document.find("\n## ", start + len(heading))
     rest = "" if end < 0 else "\n" + document[end + 1 :]
     return document[:start] + section + rest
 
@@ -178,7 +194,8 @@ def markdown(results: dict, meta: dict) -> str:
     rounds = meta.get("rounds", 1)
     medians = "medians" if rounds == 1 else f"medians (per metric, then over {rounds} rounds)"
     lines = [
-        f"{SECTION} {meta['transformers']} ({meta['date']}, {meta['device']})",
+        f"{meta['heading']}, transformers {meta['transformers']} ({meta['date']}, "
+        f"{meta['device']})",
         "",
         f"Same random weights in both (transformers model converted with `from_hf`); {medians} "
         "after warm-up; each framework in its own process. Speed-up = hybrid / transformers "
@@ -209,6 +226,11 @@ def markdown(results: dict, meta: dict) -> str:
             f"| {name} | peak RSS MiB | {theirs['peak_rss_mib']:,.0f} | "
             f"{ours['peak_rss_mib']:,.0f} | | |"
         )
+        if "peak_cuda_mib" in ours:
+            lines.append(
+                f"| {name} | peak CUDA MiB | {theirs['peak_cuda_mib']:,.0f} | "
+                f"{ours['peak_cuda_mib']:,.0f} | | |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -217,10 +239,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["bamba", "jamba", "nemotron_h"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="processes per (config, framework)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "FRAMEWORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device: CUDA is not available on this machine")
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.repeats)))
+        print(json.dumps(measure(args.child[0], args.child[1], args.repeats, args.device)))
         return
     import transformers
 
@@ -232,7 +257,7 @@ def main() -> None:
             for framework in ("transformers", "hybrid"):
                 child = subprocess.run(
                     [sys.executable, __file__, "--child", name, framework, "--repeats",
-                     str(args.repeats)],
+                     str(args.repeats), "--device", args.device],
                     capture_output=True, text=True, check=True,
                 )  # fmt: skip
                 runs[name][framework].append(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -241,22 +266,28 @@ def main() -> None:
         name: {framework: median_results(pair[framework]) for framework in pair}
         for name, pair in runs.items()
     }
+    cuda = args.device.startswith("cuda")
     meta = {
+        "heading": f"{SECTION} on {'CUDA' if cuda else 'CPU'}",
         "date": date.today().isoformat(),
-        "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
+        "device": (
+            torch.cuda.get_device_name(args.device)
+            if args.device.startswith("cuda")
+            else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+        ),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,
         "rounds": args.rounds,
     }
     docs = ROOT / "docs"
-    (docs / "bench_vs_hf.json").write_text(
+    (docs / ("bench_vs_hf_cuda.json" if cuda else "bench_vs_hf.json")).write_text(
         json.dumps({"meta": meta, **results, "rounds": runs}, indent=2)
     )
     table = markdown(results, meta)
     benchmarks = docs / "benchmarks.md"
     document = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
-    benchmarks.write_text(replace_section(document, table))
+    benchmarks.write_text(replace_section(document, table, meta["heading"]))
     print(table)
 
 
