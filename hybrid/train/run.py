@@ -234,14 +234,18 @@ def describe_run(
 
     model = module.model
     train_tokens = stats.get("train_tokens")
-    corpus = f"{human_count(train_tokens)} training tokens" if train_tokens else "streaming"
+    examples = stats.get("train_examples")  # a synthetic task: tokens are the labelled ones
+    kind = "labelled " if examples else ""
+    corpus = f"{human_count(train_tokens)} {kind}training tokens" if train_tokens else "streaming"
+    if examples:
+        corpus = f"{human_count(examples)} examples, {corpus}"
     tracking = "CSV" + (f" + W&B ({wandb_mode})" if wandb_mode else "")
     return "\n".join(
         [
             f"{'resuming' if resume else 'training'} {recipe.run_dir}: "
             f"{module.config.pattern_string}, {human_count(model.num_parameters())} parameters "
             f"({human_count(model.num_parameters(active=True))} active)",
-            f"data: {corpus}, {human_count(stats['val_tokens'])} validation tokens; unigram "
+            f"data: {corpus}, {human_count(stats['val_tokens'])} {kind}validation tokens; unigram "
             f"baseline {stats['unigram_val_loss']:.3f} nats/token",
             f"{recipe.trainer.max_steps} steps x {tokens_per_step:,} tokens; tracking: {tracking}",
         ]
