@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from hybrid.provenance import source_commit
 
 RESULTS_FILE = "results.json"
 
@@ -50,23 +51,6 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(results, dict) or "task" not in results:
         raise ValueError(f"{path}: not an evaluation results file (no 'task')")
     return results
-
-
-def source_commit() -> str | None:
-    """The git commit of the source tree (``-dirty`` with uncommitted changes), if known."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{commit}-dirty" if dirty else commit
 
 
 def run_meta(model: torch.nn.Module | None, tokenizer: Any | None) -> dict[str, Any]:

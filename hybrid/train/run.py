@@ -301,7 +301,7 @@ def training_flops_per_token(config, seq_len: int) -> float:
 def run_summary(recipe: Recipe, module, stats: dict) -> dict[str, Any]:
     """Hyperparameters logged with the run: the recipe, model size, cache, data, commit."""
     from hybrid.info import describe
-    from hybrid.train.tracking import git_commit
+    from hybrid.provenance import source_commit
 
     config = module.config
     model = module.model
@@ -318,7 +318,7 @@ def run_summary(recipe: Recipe, module, stats: dict) -> dict[str, Any]:
         "cache/bytes_per_token": per_token,
         "cache/bytes_fixed": cache_short - per_token * short,
         "data": dict(stats),
-        "git_commit": git_commit(),
+        "git_commit": source_commit(),
         "command": " ".join(sys.argv),
     }
 

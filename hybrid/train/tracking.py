@@ -6,7 +6,6 @@ import netrc
 import os
 import secrets
 import string
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,23 +16,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from hybrid.recipe import LoggingConfig
 
 WANDB_ID_FILE = "wandb_id"
-
-
-def git_commit() -> str | None:
-    """The commit of the ``hybrid`` source tree (with ``-dirty`` if it has changes), if known."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{commit}-dirty" if dirty else commit
 
 
 def wandb_logged_in() -> bool:
