@@ -9,6 +9,7 @@ and reports ``val/accuracy``. Loading order, rank sharding and resume follow the
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from pathlib import Path
@@ -195,7 +196,8 @@ def _passkey_text(seed: int, index: int, length: int = 1024) -> str:
 
 class PasskeyDataModule(SyntheticDataModule):
     """Passkey retrieval examples (the Landmark format of ``hybrid eval passkey``) for a
-    training run: documents of exactly ``data.seq_len`` tokens, the key at a random depth.
+    training run: sequences of ``data.seq_len`` tokens, the key at a random depth in a prompt
+    of random length (see :class:`PasskeyExamples`).
 
     Args:
         data: the recipe's ``data`` section (``seq_len`` and ``passkey``).
@@ -237,20 +239,23 @@ class PasskeyDataModule(SyntheticDataModule):
             return [_passkey_text(self.seed, index) for index in range(2000)]
 
         self.tokenizer = resolve_tokenizer(self.tokenizer_config, self.run_dir, corpus)
-        make = lambda count, stream: PasskeyExamples(  # noqa: E731
-            self.tokenizer, seq_len, count, self.seed, stream, options.supervise
+        self._train, self._val = (
+            PasskeyExamples(self.tokenizer, seq_len, count, self.seed, stream, options.supervise)
+            for count, stream in (
+                (options.train_examples, TRAIN_STREAM),
+                (options.val_examples, TEST_STREAM),
+            )
         )
-        self._train = make(options.train_examples, TRAIN_STREAM)
-        self._val = make(options.val_examples, TEST_STREAM)
         try:
             self._val[0]
         except ValueError as error:
             raise DataError(f"data.{error}") from None
 
-    @property
+    @functools.cached_property
     def stats(self) -> dict[str, Any]:
         """Example counts; ``unigram_val_loss``: the labelled validation ids under the unigram
-        distribution of the labelled ids of 256 training examples."""
+        distribution of the labelled ids of 256 training examples (made once: the examples
+        are generated on demand)."""
         self.prepare()
         val = torch.stack([self._val[i][1] for i in range(len(self._val))])
         train = torch.stack([self._train[i][1] for i in range(min(256, len(self._train)))])
