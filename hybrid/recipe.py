@@ -143,6 +143,10 @@ class TrainerConfig(Section):
     val_batches: int = Field(20, ge=1)
     log_every: int = Field(10, ge=1)
     threads: int | None = Field(None, ge=1)  # torch CPU threads (default: torch's choice)
+    # CPU: flush subnormal floats to zero (x86 FTZ/DAZ). A loss on few positions (a passkey
+    # answer, an SFT response) makes the SSM backward decay gradients into subnormals, ~1.4x
+    # slower per step (scripts/bench_sparse_loss.py); no effect on CUDA kernels.
+    flush_denormal: bool = True
 
 
 class LoggingConfig(Section):

@@ -78,7 +78,19 @@ def train(
     built. Raises :class:`TrainError` / ``DataError`` / ``RecipeError`` (one line each) for user
     errors, and :class:`~hybrid.train.module.NonFiniteLossError` when the loss stops being
     finite (the last good checkpoint is left as it was).
+
+    ``trainer.threads`` and ``trainer.flush_denormal`` hold while it runs (see
+    :func:`hybrid.train.cpu.cpu_settings`); the calling thread's settings are restored after.
     """
+    from hybrid.train.cpu import cpu_settings
+
+    with cpu_settings(recipe.trainer.threads, recipe.trainer.flush_denormal):
+        return _train(recipe, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+
+
+def _train(
+    recipe: Recipe, *, resume: bool, progress_bar: bool, callbacks: list | None
+) -> TrainResult:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
@@ -113,8 +125,6 @@ def train(
             "trainer.strategy: fsdp needs CUDA devices (Lightning's FSDP does not run on CPU); "
             "use ddp"
         )
-    if recipe.trainer.threads:
-        torch.set_num_threads(recipe.trainer.threads)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
 
     trainer_config = recipe.trainer
