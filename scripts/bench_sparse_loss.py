@@ -8,11 +8,12 @@ floats (below ~1.2e-38 in float32), which x86 CPUs process 10-100x slower than n
 modes for a run, so those values become zeros.
 
 This script measures the training step (forward, backward, AdamW) of the finding-3 recipes'
-models (``recipes/findings/passkey_*.yaml``) on random bytes, three ways taking turns in every
-round: the loss on every position; on the last ``--labelled`` positions only; the same with
-denormals flushed. Each measurement is the median of ``--steps`` steps in a fresh process (the
-modes are per thread: a thread pool keeps the modes it started with); the table gives the
-medians over the rounds and ratios against the every-position step.
+models (``recipes/findings/passkey_*.yaml``, and the Samba-like one with Mamba-2) on random
+bytes, three ways taking turns in every round: the loss on every position; on the last
+``--labelled`` positions only; the same with denormals flushed. Each measurement is the median
+of ``--steps`` steps in a fresh process (the modes are per thread: a thread pool keeps the
+modes it started with); the table gives the medians over the rounds and ratios against the
+every-position step.
 
 Usage: python scripts/bench_sparse_loss.py [--repeats 3] [--steps 5] [--labelled 6]
        [--out docs/bench_sparse_loss]
@@ -43,18 +44,21 @@ from hybrid.info import load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# (recipe, overrides) per model: finding 3's two, and its Samba-like one with Mamba-2.
 RECIPES = {
-    "attention *-*-": ROOT / "recipes/findings/passkey_attention.yaml",
-    "samba-like S-*-": ROOT / "recipes/findings/passkey_samba.yaml",
+    "attention *-*-": (ROOT / "recipes/findings/passkey_attention.yaml", []),
+    "samba-like S-*-": (ROOT / "recipes/findings/passkey_samba.yaml", []),
+    "mamba-2 M-*-": (ROOT / "recipes/findings/passkey_samba.yaml", ["model.pattern=M-*-"]),
 }
 VARIANTS = ("every position", "few positions", "few positions, flushed")
 
 
-def make_step(recipe: Path, batch: int, seqlen: int, labelled: int | None) -> Callable[[], None]:
-    """One training step of the recipe's model; the loss on the last ``labelled`` positions
-    (None: on all of them)."""
+def make_step(model: str, batch: int, seqlen: int, labelled: int | None) -> Callable[[], None]:
+    """One training step of RECIPES[model]; the loss on the last ``labelled`` positions (None:
+    on all of them)."""
     torch.manual_seed(0)
-    model = HybridLM(load_model_config(str(recipe))).train()
+    recipe, overrides = RECIPES[model]
+    model = HybridLM(load_model_config(str(recipe), overrides)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (batch, seqlen + 1))
     targets = ids[:, 1:].clone()
@@ -77,7 +81,7 @@ def measure(model: str, variant: str, batch: int, seqlen: int, labelled: int, st
     measurement runs in its own process that sets them before its first parallel op.
     """
     torch.set_flush_denormal(variant == VARIANTS[2])
-    step = make_step(RECIPES[model], batch, seqlen, None if variant == VARIANTS[0] else labelled)
+    step = make_step(model, batch, seqlen, None if variant == VARIANTS[0] else labelled)
     for _ in range(2):
         step()
     times = []
@@ -114,7 +118,8 @@ def markdown(results: dict, meta: dict) -> str:
         f"## Training step with a loss on few positions ({meta['date']}, {meta['device']}, "
         f"batch {meta['batch']} x L = {meta['seqlen']})",
         "",
-        f"Forward + backward + AdamW of the finding-3 models; medians of {meta['repeats']} rounds "
+        f"Forward + backward + AdamW of the finding-3 models (and the Samba-like one with "
+        f"Mamba-2); medians of {meta['repeats']} rounds "
         f"(each a fresh process timing {meta['steps']} steps), all variants taking turns in "
         "every round. Few positions: the loss on the last "
         f"{meta['labelled']} of {meta['seqlen']}; flushed: `torch.set_flush_denormal(True)` "

@@ -2,7 +2,7 @@
 # Finding 3 (Samba): train the two passkey recipes (full RoPE attention, Mamba-1 + sliding-window
 # attention) on passkey sequences of 512 bytes, evaluate each with `hybrid eval passkey` at
 # 0.75x-16x that length, and write docs/findings/passkey.{json,md,png} and the two heatmaps.
-# About 40 minutes on 2 CPU cores.
+# About 34 minutes on 2 CPU cores: 13 and 19 for the two trainings, a minute for the evaluations.
 #   bash scripts/finding_passkey.sh [extra recipe overrides, e.g. output_dir=/tmp/runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
