@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Findings 1-2: train the three MQAR recipes (attention, Mamba-2, Mamba-2 + one attention),
 # evaluate each with `hybrid eval mqar` on test examples from a disjoint seed stream, and
-# write docs/findings/mqar.{json,md,png}. About 15 minutes on 2 CPU cores.
+# write docs/findings/mqar.{json,md,png}. About 10 minutes on 2 CPU cores.
 #   bash scripts/finding_mqar.sh [extra recipe overrides, e.g. output_dir=/tmp/runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
