@@ -181,6 +181,10 @@ class Recipe(Section):
     name: str = "run"
     seed: int = 0
     output_dir: str = "runs"
+    # Weights to start from (fine-tuning): a run directory, our model directory, a `hybrid
+    # train` .ckpt or a transformers directory; the model section must have the same layers.
+    # Optimizer state and step count start afresh; --resume continues from last.ckpt instead.
+    init_from: str | None = None
     model: dict[str, Any]
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)

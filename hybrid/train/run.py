@@ -104,6 +104,11 @@ def _train(
         Throughput,
         remove_stale_temporaries,
     )
+    from hybrid.train.initial_weights import (
+        check_init_source,
+        initial_weights,
+        source_tokenizer,
+    )
     from hybrid.train.module import HybridLightningModule
     from hybrid.train.tracking import build_loggers
 
@@ -125,6 +130,12 @@ def _train(
             "trainer.strategy: fsdp needs CUDA devices (Lightning's FSDP does not run on CPU); "
             "use ddp"
         )
+    if recipe.init_from and not resume:
+        try:
+            check_init_source(recipe.init_from)
+        except ValueError as error:
+            raise TrainError(f"init_from: {error}") from None
+        recipe = with_source_tokenizer(recipe, source_tokenizer(recipe.init_from))
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
 
     trainer_config = recipe.trainer
@@ -151,6 +162,12 @@ def _train(
         )
     if resume:
         check_resumable(last, config)
+    start_weights = None
+    if recipe.init_from and not resume:
+        try:
+            start_weights = initial_weights(recipe.init_from, config)
+        except ValueError as error:
+            raise TrainError(f"init_from: {error}") from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
@@ -159,6 +176,8 @@ def _train(
         tokenizer.save(run_dir)
     tokenizer_json = _tokenizer_json(run_dir)
     module = HybridLightningModule(config, recipe, tokenizer_json)
+    if start_weights is not None:
+        module.model.load_state_dict(start_weights)
 
     loggers, wandb_mode = build_loggers(recipe.logging, run_dir, recipe.name, resume=resume)
     for logger in loggers:
@@ -258,6 +277,7 @@ def describe_run(
             f"data: {corpus}, {human_count(stats['val_tokens'])} {kind}validation tokens; unigram "
             f"baseline {stats['unigram_val_loss']:.3f} nats/token",
             f"{recipe.trainer.max_steps} steps x {tokens_per_step:,} tokens; tracking: {tracking}",
+            *([f"weights from: {recipe.init_from}"] if recipe.init_from and not resume else []),
         ]
     )
 
@@ -278,6 +298,17 @@ def finish_wandb(loggers: list) -> Path | None:
 def _tokenizer_json(run_dir: Path) -> str | None:
     path = run_dir / "tokenizer.json"
     return path.read_text() if path.is_file() else None
+
+
+def with_source_tokenizer(recipe: Recipe, found: Path | None) -> Recipe:
+    """A BPE recipe without ``tokenizer.path`` fine-tunes with the tokenizer of its
+    ``init_from`` (``found``) rather than training a new one, whose ids would mean other
+    strings to the loaded embeddings."""
+    if found is None or recipe.tokenizer.kind != "bpe" or recipe.tokenizer.path is not None:
+        return recipe
+    return recipe.model_copy(
+        update={"tokenizer": recipe.tokenizer.model_copy(update={"path": str(found)})}
+    )
 
 
 def check_resumable(path: Path, config) -> None:

@@ -182,6 +182,7 @@ def test_resume_refuses_a_changed_model(tiny_recipe, capsys):
         ({"model": {"pattern": "MQ"}}, "model."),
         ({"empty": True}, "empty"),
         ({"trainer": {"strategy": "fsdp", "accelerator": "cpu"}}, "trainer.strategy: fsdp"),
+        ({"init_from": "/nonexistent/run"}, "init_from: /nonexistent/run: no such checkpoint"),
     ],
 )
 def test_bad_input_fails_before_the_model_is_built(
