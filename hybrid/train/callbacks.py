@@ -154,7 +154,17 @@ def remove_stale_temporaries(directory: Path) -> None:
 class StepProgressBar(TQDMProgressBar):
     """A bar over optimizer steps to ``max_steps`` (the training data is an endless stream,
     so Lightning's per-epoch bar would count micro-batches with no end), with the loss and
-    tokens/s."""
+    tokens/s.
+
+    Args:
+        every: redraw every this many steps (and at the last): 1 on a terminal; a log file
+            (stdout not a terminal) gets a line per redraw, so the trainer passes its
+            ``log_every`` there.
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        super().__init__()
+        self.every = every
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         bar = self.train_progress_bar
@@ -165,7 +175,9 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_) -> None:
         bar = self.train_progress_bar
-        if bar is not None and trainer.global_step != bar.n:
+        step = trainer.global_step
+        due = step % self.every == 0 or step >= trainer.max_steps
+        if bar is not None and step != bar.n and due:
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module))
             bar.refresh()

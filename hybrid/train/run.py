@@ -228,7 +228,7 @@ def _train(
             checkpoints,
             Throughput(tokens_per_step, training_flops_per_token(config, recipe.data.seq_len)),
             stopper,
-            *([StepProgressBar()] if progress_bar else []),
+            *([StepProgressBar(progress_every(trainer_config.log_every))] if progress_bar else []),
             *(callbacks or []),
         ],
         plugins=[AtomicCheckpointIO()],
@@ -298,6 +298,12 @@ def finish_wandb(loggers: list) -> Path | None:
 def _tokenizer_json(run_dir: Path) -> str | None:
     path = run_dir / "tokenizer.json"
     return path.read_text() if path.is_file() else None
+
+
+def progress_every(log_every: int) -> int:
+    """Steps between progress-bar redraws: every step on a terminal, else ``log_every`` (each
+    redraw is a line in a log file)."""
+    return 1 if sys.stdout.isatty() else log_every
 
 
 def with_source_tokenizer(recipe: Recipe, found: Path | None) -> Recipe:

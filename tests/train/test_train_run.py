@@ -288,3 +288,11 @@ def test_training_flops_per_token_counts_matmuls_and_attention():
     attention = 2 * 6 * 4 * 16 * 16  # per layer: 6 x heads x head_dim x min(window, L)
     expected = 6 * matmul_params + 6 * 100 * 64 + attention
     assert training_flops_per_token(config, seq_len=128) == expected
+
+
+def test_progress_bar_in_a_log_file_redraws_at_the_log_cadence(tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(trainer={"max_steps": 6, "log_every": 3}))
+    train(recipe, progress_bar=True)  # captured stdout is not a terminal
+    out = capsys.readouterr().out
+    shown = {step for step in range(7) if f"| {step}/6 [" in out}
+    assert shown <= {0, 3, 6} and {3, 6} <= shown, out
