@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ from hybrid.data.sources import Documents
 from hybrid.recipe import TokenizerConfig
 from hybrid.tokenizer import EOS_CANDIDATES, ByteTokenizer, HFTokenizer, Tokenizer, train_bpe
 
+BPE_SETTINGS_FILE = ".tokenizer.settings.json"  # what a run's own BPE was trained with
 CACHE_VERSION = "1"  # bump when the tokenized format changes
 ENCODE_BATCH = 256  # documents per tokenizer call
 
@@ -72,12 +74,32 @@ def resolve_tokenizer(
             shutil.copyfile(given, temporary)
             os.replace(temporary, saved)
         return tokenizer
+    settings = {"vocab_size": config.vocab_size, "train_bytes": config.train_bytes}
+    recorded = run_dir / BPE_SETTINGS_FILE
     with FileLock(str(run_dir / ".tokenizer.json.lock")):
         if saved.is_file():
+            if recorded.is_file():
+                check_bpe_settings(json.loads(recorded.read_text()), settings, saved)
             return load_tokenizer_file(saved, "tokenizer")
         tokenizer = train_bpe(training_texts(), config.vocab_size, config.train_bytes)
         tokenizer.save(run_dir)
+        recorded.write_text(json.dumps(settings))
     return tokenizer
+
+
+def check_bpe_settings(recorded: dict, settings: dict, saved: Path) -> None:
+    """Refuses to reuse a run directory's BPE trained with other settings (a run of the same
+    name that stopped before its first checkpoint, then rerun with a changed recipe).
+
+    Raises:
+        DataError: one line naming the first differing ``tokenizer`` field.
+    """
+    for field, value in settings.items():
+        if recorded.get(field, value) != value:
+            raise DataError(
+                f"tokenizer.{field}: {value}, but '{saved}' was trained with {recorded[field]} "
+                "(an earlier run of this name?); choose another run name or remove the file"
+            )
 
 
 def load_tokenizer_file(path: Path, field: str) -> HFTokenizer:

@@ -71,6 +71,20 @@ def test_saved_bpe_is_reused_not_retrained(tmp_path, corpus, monkeypatch):
     assert np.array_equal(again.train_rows.rows, first.train_rows.rows)
 
 
+@pytest.mark.parametrize(("field", "value"), [("vocab_size", 320), ("train_bytes", 8000)])
+def test_saved_bpe_trained_with_other_settings_is_refused(tmp_path, corpus, field, value):
+    _, directory = corpus
+    make_module(tmp_path, {"paths": [str(directory / "texts")]}, tokenizer=BPE).prepare()
+    saved = tmp_path / "run" / "tokenizer.json"
+    written = saved.read_bytes()
+    changed = make_module(
+        tmp_path, {"paths": [str(directory / "texts")]}, tokenizer={**BPE, field: value}
+    )
+    with pytest.raises(DataError, match=f"tokenizer.{field}: {value}, but .* trained with "):
+        changed.prepare()
+    assert saved.read_bytes() == written  # the run's tokenizer is kept
+
+
 def test_training_reads_at_most_train_bytes():
     def texts():
         yield "ab" * 400  # 800 bytes
