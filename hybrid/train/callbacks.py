@@ -179,7 +179,7 @@ class StepProgressBar(TQDMProgressBar):
         due = step % self.every == 0 or step >= trainer.max_steps
         if bar is not None and step != bar.n and due:
             bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
 
     def init_validation_tqdm(self):

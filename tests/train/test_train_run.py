@@ -291,8 +291,9 @@ def test_training_flops_per_token_counts_matmuls_and_attention():
 
 
 def test_progress_bar_in_a_log_file_redraws_at_the_log_cadence(tiny_recipe, capsys):
-    recipe = load_recipe(tiny_recipe(trainer={"max_steps": 6, "log_every": 3}))
+    recipe = load_recipe(tiny_recipe(trainer={"max_steps": 6, "log_every": 3, "val_every": 6}))
     train(recipe, progress_bar=True)  # captured stdout is not a terminal
     out = capsys.readouterr().out
     shown = {step for step in range(7) if f"| {step}/6 [" in out}
     assert shown <= {0, 3, 6} and {3, 6} <= shown, out
+    assert out.count("| 3/6 [") == 1, out  # one line per redraw
