@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from hybrid.config import HybridConfig
+from hybrid.recipe import Recipe
 
 
 def check_init_source(source: str) -> None:
@@ -75,3 +76,17 @@ def source_tokenizer(source: str) -> Path | None:
         if (directory / "tokenizer.json").is_file():
             return directory / "tokenizer.json"
     return None
+
+
+def with_source_tokenizer(recipe: Recipe) -> Recipe:
+    """A BPE recipe without ``tokenizer.path`` fine-tunes with the tokenizer that came with its
+    ``init_from`` (:func:`source_tokenizer`), rather than training a new one whose ids would
+    mean other strings to the loaded embeddings."""
+    if recipe.tokenizer.kind != "bpe" or recipe.tokenizer.path is not None:
+        return recipe
+    found = source_tokenizer(recipe.init_from)
+    if found is None:
+        return recipe
+    return recipe.model_copy(
+        update={"tokenizer": recipe.tokenizer.model_copy(update={"path": str(found)})}
+    )

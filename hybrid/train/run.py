@@ -107,7 +107,7 @@ def _train(
     from hybrid.train.initial_weights import (
         check_init_source,
         initial_weights,
-        source_tokenizer,
+        with_source_tokenizer,
     )
     from hybrid.train.module import HybridLightningModule
     from hybrid.train.tracking import build_loggers
@@ -135,7 +135,7 @@ def _train(
             check_init_source(recipe.init_from)
         except ValueError as error:
             raise TrainError(f"init_from: {error}") from None
-        recipe = with_source_tokenizer(recipe, source_tokenizer(recipe.init_from))
+        recipe = with_source_tokenizer(recipe)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
 
     trainer_config = recipe.trainer
@@ -304,17 +304,6 @@ def progress_every(log_every: int) -> int:
     """Steps between progress-bar redraws: every step on a terminal, else ``log_every`` (each
     redraw is a line in a log file)."""
     return 1 if sys.stdout.isatty() else log_every
-
-
-def with_source_tokenizer(recipe: Recipe, found: Path | None) -> Recipe:
-    """A BPE recipe without ``tokenizer.path`` fine-tunes with the tokenizer of its
-    ``init_from`` (``found``) rather than training a new one, whose ids would mean other
-    strings to the loaded embeddings."""
-    if found is None or recipe.tokenizer.kind != "bpe" or recipe.tokenizer.path is not None:
-        return recipe
-    return recipe.model_copy(
-        update={"tokenizer": recipe.tokenizer.model_copy(update={"path": str(found)})}
-    )
 
 
 def check_resumable(path: Path, config) -> None:
