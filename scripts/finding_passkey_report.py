@@ -1,6 +1,6 @@
-"""Finding 3: passkey accuracy of the full-attention and the Samba-like runs by context length.
+"""Finding 3: passkey accuracy of the full-attention and the two SWA-hybrid runs by length.
 
-Reads ``RUNS/passkey_{attention,samba}/eval/passkey/results.json`` (written by
+Reads ``RUNS/passkey_{attention,samba,mamba2_swa}/eval/passkey/results.json`` (written by
 ``hybrid eval passkey``) and writes ``OUT/passkey.json``, ``OUT/passkey.md`` (accuracy by
 context length, over all depths, and by depth) and ``OUT/passkey.png``.
 """
@@ -13,7 +13,11 @@ from pathlib import Path
 
 from hybrid.eval import load_results
 
-LAYOUTS = {"attention": "*-*- (full RoPE attention)", "samba": "S-*- (Mamba-1 + SWA 128)"}
+LAYOUTS = {
+    "attention": "*-*- (full RoPE attention)",
+    "samba": "S-*- (Mamba-1 + SWA 128)",
+    "mamba2_swa": "M-*- (Mamba-2 + SWA 128)",
+}
 TRAINING_LENGTH = 512
 
 

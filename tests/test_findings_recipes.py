@@ -30,18 +30,24 @@ def test_passkey_recipes_differ_only_in_the_layout_and_the_window():
     recipes = {
         path.stem: load_recipe(path).resolved() for path in sorted(FINDINGS.glob("passkey_*.yaml"))
     }
-    assert sorted(recipes) == ["passkey_attention", "passkey_samba"]
+    assert sorted(recipes) == ["passkey_attention", "passkey_mamba2_swa", "passkey_samba"]
     models = {name: recipe.pop("model") for name, recipe in recipes.items()}
-    assert models["passkey_attention"]["pattern"] == "*-*-"
+    patterns = {name: model.pop("pattern") for name, model in models.items()}
+    assert patterns == {
+        "passkey_attention": "*-*-",
+        "passkey_samba": "S-*-",
+        "passkey_mamba2_swa": "M-*-",
+    }
     assert "window" not in models["passkey_attention"]["attention"]  # full attention
-    assert models["passkey_samba"]["pattern"] == "S-*-"
-    window = models["passkey_samba"]["attention"].pop("window")
+    windows = {
+        models[name]["attention"].pop("window") for name in ("passkey_samba", "passkey_mamba2_swa")
+    }
     for recipe in recipes.values():
         recipe.pop("name")
-    attention, samba = recipes.values()
-    assert attention == samba
-    assert attention["data"]["source"]["format"] == "passkey"
-    assert window < attention["data"]["seq_len"]  # the needle is usually beyond the window
-    for model in models.values():
-        model.pop("pattern")
-    assert models["passkey_attention"] == models["passkey_samba"]
+    first, *others = recipes.values()
+    assert all(other == first for other in others)
+    assert first["data"]["source"]["format"] == "passkey"
+    (window,) = windows
+    assert window < first["data"]["seq_len"]  # the needle is usually beyond the window
+    first_model, *other_models = models.values()
+    assert all(model == first_model for model in other_models)
