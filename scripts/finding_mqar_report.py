@@ -7,9 +7,9 @@ sequence length and number of key-value pairs) and ``OUT/mqar.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
+
+from finding_report import report_parser, save_figure, subplots, write_report
 
 from hybrid.eval import load_results
 
@@ -17,17 +17,12 @@ LAYOUTS = {"attention": "*-*-", "mamba2": "M-M-", "hybrid": "M-*-"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs", help="directory holding the three runs")
-    parser.add_argument("--out", default="docs/findings")
-    args = parser.parse_args()
+    args = report_parser(__doc__.splitlines()[0], "directory holding the three runs").parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = {
         layout: load_results(Path(args.runs) / f"mqar_{layout}" / "eval" / "mqar")
         for layout in LAYOUTS
     }
-    (out / "mqar.json").write_text(json.dumps(results, indent=2))
 
     cells = sorted(
         {(r["seq_len"], r["n_kv_pairs"]) for res in results.values() for r in res["rows"]}
@@ -48,15 +43,10 @@ def main() -> None:
             f"{accuracy.get((k, seq_len, pairs), float('nan')):.3f}" for k in LAYOUTS
         )
         lines.append(f"| {seq_len} | {pairs} | {values} |")
-    (out / "mqar.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    write_report(out, "mqar", results, lines)
 
     seq_lens = sorted({s for s, _ in cells})
-    figure, axes = plt.subplots(1, len(seq_lens), figsize=(4 * len(seq_lens), 3.5), sharey=True)
+    figure, axes = subplots(1, len(seq_lens), figsize=(4 * len(seq_lens), 3.5), sharey=True)
     for axis, seq_len in zip(list(axes) if len(seq_lens) > 1 else [axes], seq_lens, strict=True):
         for layout, pattern in LAYOUTS.items():
             points = [(p, accuracy[(layout, s, p)]) for s, p in cells if s == seq_len
@@ -68,8 +58,7 @@ def main() -> None:
         axis.grid(True, alpha=0.3)
     (axes[0] if len(seq_lens) > 1 else axes).set_ylabel("MQAR test accuracy")
     (axes[0] if len(seq_lens) > 1 else axes).legend()
-    figure.tight_layout()
-    figure.savefig(out / "mqar.png", dpi=120)
+    save_figure(figure, out, "mqar")
     print("\n".join(lines))
 
 

@@ -8,9 +8,9 @@ pairs at the training length) and ``OUT/mqar_width.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
+
+from finding_report import report_parser, save_figure, subplots, write_report
 
 from hybrid.eval import load_results
 
@@ -20,14 +20,11 @@ def accuracy_by_pairs(result: dict, seq_len: int) -> dict[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs", help="directory holding the runs")
+    parser = report_parser(__doc__.splitlines()[0], "directory holding the runs")
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--seq-len", type=int, default=64, help="the training length")
-    parser.add_argument("--out", default="docs/findings")
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = {
         width: load_results(runs / f"mqar_mamba2_d{width}" / "eval" / "mqar")
         for width in sorted(args.widths)
@@ -36,10 +33,6 @@ def main() -> None:
     attention = load_results(attention_dir) if attention_dir.is_dir() else None
     curves = {width: accuracy_by_pairs(r, args.seq_len) for width, r in results.items()}
     pairs = sorted({p for curve in curves.values() for p in curve})
-    (out / "mqar_width.json").write_text(
-        json.dumps({"mamba2": {str(w): r for w, r in results.items()}, "attention": attention},
-                   indent=2)
-    )  # fmt: skip
     lines = [
         "| Mamba-2 `M-M-` d_model | parameters | "
         + " | ".join(f"{p} pairs" for p in pairs) + " |",
@@ -53,14 +46,10 @@ def main() -> None:
         reference = accuracy_by_pairs(attention, args.seq_len)
         cells = " | ".join(f"{reference.get(p, float('nan')):.3f}" for p in pairs)
         lines.append(f"| attention `*-*-`, d_model 64 | | {cells} |")
-    (out / "mqar_width.md").write_text("\n".join(lines) + "\n")
+    data = {"mamba2": {str(w): r for w, r in results.items()}, "attention": attention}
+    write_report(out, "mqar_width", data, lines)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    figure, axis = subplots(figsize=(5.5, 3.5))
     for p in pairs:
         widths = [w for w in curves if p in curves[w]]
         axis.plot(widths, [curves[w][p] for w in widths], "o-", label=f"Mamba-2, {p} pairs")
@@ -69,8 +58,7 @@ def main() -> None:
     axis.set_ylim(-0.05, 1.05)
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "mqar_width.png", dpi=120)
+    save_figure(figure, out, "mqar_width")
     print("\n".join(lines))
 
 

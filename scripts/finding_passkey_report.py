@@ -7,9 +7,9 @@ context length, over all depths, and by depth) and ``OUT/passkey.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
+
+from finding_report import report_parser, save_figure, subplots, write_report
 
 from hybrid.eval import load_results
 
@@ -22,17 +22,12 @@ TRAINING_LENGTH = 512
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs", help="directory holding the two runs")
-    parser.add_argument("--out", default="docs/findings")
-    args = parser.parse_args()
+    args = report_parser(__doc__.splitlines()[0], "directory holding the runs").parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = {
         layout: load_results(Path(args.runs) / f"passkey_{layout}" / "eval" / "passkey")
         for layout in LAYOUTS
     }
-    (out / "passkey.json").write_text(json.dumps(results, indent=2))
 
     def by_length(result: dict) -> dict[int, float]:
         cells: dict[int, list[int]] = {}
@@ -59,14 +54,9 @@ def main() -> None:
             cells = {r["length"]: r["accuracy"] for r in result["rows"] if r["depth"] == depth}
             values = " | ".join(f"{cells.get(n, float('nan')):.2f}" for n in lengths)
             lines.append(f"| {layout} | {depth:g} | {values} |")
-    (out / "passkey.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "passkey", results, lines)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    figure, axis = subplots(figsize=(5.5, 3.5))
     for layout, curve in curves.items():
         axis.plot(list(curve), list(curve.values()), "o-", label=LAYOUTS[layout])
     axis.axvline(TRAINING_LENGTH, color="grey", linestyle=":", label="training length")
@@ -74,8 +64,7 @@ def main() -> None:
     axis.set(xlabel="context length (bytes)", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "passkey.png", dpi=120)
+    save_figure(figure, out, "passkey")
     print("\n".join(lines))
 
 
