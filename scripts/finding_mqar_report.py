@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finding_report import report_parser, save_figure, subplots, write_report
+from finding_report import accuracy_axis, report_parser, save_figure, subplots, write_report
 
 from hybrid.eval import load_results
 
@@ -52,10 +52,8 @@ def main() -> None:
             points = [(p, accuracy[(layout, s, p)]) for s, p in cells if s == seq_len
                       and (layout, s, p) in accuracy]  # fmt: skip
             axis.plot(*zip(*points, strict=True), "o-", label=f"{layout} {pattern}")
-        axis.set(xscale="log", xlabel="key-value pairs", title=f"sequence length {seq_len}")
-        axis.set_xscale("log", base=2)
-        axis.set_ylim(-0.05, 1.05)
-        axis.grid(True, alpha=0.3)
+        accuracy_axis(axis, "key-value pairs")
+        axis.set_title(f"sequence length {seq_len}")
     (axes[0] if len(seq_lens) > 1 else axes).set_ylabel("MQAR test accuracy")
     (axes[0] if len(seq_lens) > 1 else axes).legend()
     save_figure(figure, out, "mqar")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finding_report import report_parser, save_figure, subplots, write_report
+from finding_report import accuracy_axis, report_parser, save_figure, subplots, write_report
 
 from hybrid.eval import load_results
 
@@ -53,10 +53,7 @@ def main() -> None:
     for p in pairs:
         widths = [w for w in curves if p in curves[w]]
         axis.plot(widths, [curves[w][p] for w in widths], "o-", label=f"Mamba-2, {p} pairs")
-    axis.set_xscale("log", base=2)
-    axis.set(xlabel="d_model", ylabel=f"MQAR test accuracy (length {args.seq_len})")
-    axis.set_ylim(-0.05, 1.05)
-    axis.grid(True, alpha=0.3)
+    accuracy_axis(axis, "d_model", f"MQAR test accuracy (length {args.seq_len})")
     axis.legend(fontsize=8)
     save_figure(figure, out, "mqar_width")
     print("\n".join(lines))

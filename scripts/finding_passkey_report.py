@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finding_report import report_parser, save_figure, subplots, write_report
+from finding_report import accuracy_axis, report_parser, save_figure, subplots, write_report
 
 from hybrid.eval import load_results
 
@@ -60,9 +60,7 @@ def main() -> None:
     for layout, curve in curves.items():
         axis.plot(list(curve), list(curve.values()), "o-", label=LAYOUTS[layout])
     axis.axvline(TRAINING_LENGTH, color="grey", linestyle=":", label="training length")
-    axis.set_xscale("log", base=2)
-    axis.set(xlabel="context length (bytes)", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
-    axis.grid(True, alpha=0.3)
+    accuracy_axis(axis, "context length (bytes)", "passkey accuracy")
     axis.legend(fontsize=8)
     save_figure(figure, out, "passkey")
     print("\n".join(lines))

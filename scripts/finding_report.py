@@ -1,5 +1,5 @@
 """Set-up shared by the finding report scripts (``scripts/finding_*_report.py``): their
-arguments, the JSON + markdown outputs, and the matplotlib figure they save."""
+arguments, the JSON + markdown outputs, and the matplotlib figure they draw and save."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def subplots(*args: Any, **kwargs: Any):
     import matplotlib.pyplot as plt
 
     return plt.subplots(*args, **kwargs)
+
+
+def accuracy_axis(axis, xlabel: str, ylabel: str | None = None) -> None:
+    """The findings' accuracy plot: a log2 x axis, accuracy from 0 to 1 with a margin, a grid."""
+    axis.set_xscale("log", base=2)
+    axis.set(xlabel=xlabel, ylim=(-0.05, 1.05))
+    if ylabel is not None:
+        axis.set_ylabel(ylabel)
+    axis.grid(True, alpha=0.3)
 
 
 def save_figure(figure, out: Path, stem: str) -> None:
