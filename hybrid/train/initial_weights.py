@@ -71,8 +71,8 @@ def source_tokenizer(source: str) -> Path | None:
     from hybrid.checkpoint import resolve_checkpoint
 
     resolved = resolve_checkpoint(source)
-    run = resolved.parent.parent if resolved.is_file() else resolved
-    for directory in (resolved if resolved.is_dir() else run, run, Path(source)):
+    directory_read = resolved.parent.parent if resolved.is_file() else resolved
+    for directory in (directory_read, Path(source)):
         if (directory / "tokenizer.json").is_file():
             return directory / "tokenizer.json"
     return None
