@@ -97,7 +97,7 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     from hybrid.checkpoint import load_model
-    from hybrid.sampling import SamplingConfig
+    from hybrid.inference.sampling import SamplingConfig
     from hybrid.tokenizer import load_tokenizer
 
     sampling = SamplingConfig(

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hybrid.cache import HybridCache, token_context
 from hybrid.config import HybridConfig
+from hybrid.inference.cache import HybridCache, token_context
+from hybrid.inference.generation import GenerationMixin
 from layers.base import Block, BlockOutput, CacheEntry, TokenContext
 from layers.moe import Experts
 from layers.norm import RMSNorm
@@ -59,11 +60,12 @@ class Sublayer(nn.Module):
         return hidden + out, None
 
 
-class HybridLM(nn.Module):
+class HybridLM(GenerationMixin, nn.Module):
     """A language model whose sublayers follow ``config.layers``.
 
     ``model(input_ids)`` with input_ids (batch, seqlen) returns a :class:`HybridOutput` whose
-    ``logits`` are (batch, seqlen, vocab_size).
+    ``logits`` are (batch, seqlen, vocab_size); ``generate`` / ``stream`` / ``beam_search`` come
+    from :class:`~hybrid.inference.generation.GenerationMixin`.
     """
 
     def __init__(self, config: HybridConfig) -> None:
@@ -224,18 +226,6 @@ class HybridLM(nn.Module):
         if mode not in compiled:
             compiled[mode] = torch.compile(self.decode_step, dynamic=False, mode=mode)
         return compiled[mode]
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-        """The prompt followed by new tokens; see :func:`hybrid.generate.generate`."""
-        from hybrid.generate import generate
-
-        return generate(self, input_ids, max_new_tokens, **options)
-
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **options):
-        """Yield new tokens step by step; see :func:`hybrid.generate.stream`."""
-        from hybrid.generate import stream
-
-        yield from stream(self, input_ids, max_new_tokens, **options)
 
     def num_parameters(self, *, active: bool = False, embeddings: bool = True) -> int:
         """Parameter count; ``active`` counts only top-k experts of MoE blocks.

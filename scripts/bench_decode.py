@@ -33,7 +33,7 @@ allocated cache's ``nbytes`` (capacity L + warm-up + steps) is checked against `
 that capacity.
 
 Speculative decoding (``--speculative``, the default; ``--no-speculative`` skips it): tokens/s
-of ``hybrid.speculative.speculative_generate`` with the hybrid above as target, greedy, against
+of ``hybrid.inference.speculative_generate`` with the hybrid above as target, greedy, against
 plain greedy decoding of the target (``target.generate``), same random prompt
 (``--spec-prompt`` 128 tokens) and number of new tokens (``--spec-new`` 64). Both are timed by
 wall clock around the whole call (prefill included, as ``SpeculativeResult.seconds`` is), after
@@ -74,11 +74,11 @@ from pathlib import Path
 import torch
 
 from hybrid import HybridConfig, HybridLM, pattern_from_periods
-from hybrid.cache import HybridCache
 from hybrid.eval.decode import fill_prefill, fill_random, time_decode
+from hybrid.inference.cache import HybridCache
+from hybrid.inference.speculative import speculative_generate
 from hybrid.info import describe
 from hybrid.model import HybridOutput
-from hybrid.speculative import speculative_generate
 
 D_MODEL = 256
 VOCAB = 256

@@ -27,7 +27,7 @@ from hybrid.info import describe
 from layers.attention import KVCache
 
 if TYPE_CHECKING:
-    from hybrid.cache import HybridCache
+    from hybrid.inference.cache import HybridCache
     from hybrid.model import HybridLM
     from hybrid.tokenizer import Tokenizer
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from hybrid.generate import generate
+from hybrid.inference.generation import generate
 from hybrid.info import describe, human_bytes
 
 if TYPE_CHECKING:

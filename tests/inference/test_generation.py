@@ -68,7 +68,7 @@ def test_sampling_is_seeded_and_streaming_matches(model):
     b = model.generate(ids, 15, seed=5, **options)
     c = model.generate(ids, 15, seed=6, **options)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    from hybrid.sampling import SamplingConfig
+    from hybrid.inference.sampling import SamplingConfig
 
     streamed = list(model.stream(ids, 15, seed=5, sampling=SamplingConfig(**options)))
     assert torch.equal(torch.stack(streamed, 1), a[:, 3:])

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hybrid.cache import HybridCache
+from hybrid.inference.cache import HybridCache
 from layers.base import CacheEntry
 
 if TYPE_CHECKING:

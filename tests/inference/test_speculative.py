@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hybrid import HybridConfig, HybridLM
-from hybrid.speculative import speculative_generate
+from hybrid.inference.speculative import speculative_generate
 
 SHARED = {
     "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8},

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.sampling import (
+from hybrid.inference.sampling import (
     SamplingConfig,
     apply_penalties,
     count_tokens,

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hybrid.generate import check_prompt
-from hybrid.sampling import SamplingConfig, probabilities
+from hybrid.inference.generation import check_prompt
+from hybrid.inference.sampling import SamplingConfig, probabilities
 
 if TYPE_CHECKING:
     from hybrid.model import HybridLM
@@ -81,7 +81,7 @@ def speculative_generate(
 
     Raises:
         ValueError: a draft with another vocabulary, a batch of several prompts,
-            num_draft_tokens < 1, and the checks of :func:`hybrid.generate.generate`.
+            num_draft_tokens < 1, and the checks of :func:`hybrid.inference.generation.generate`.
     """
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(

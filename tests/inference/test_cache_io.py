@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 
-import hybrid.cache_io
+import hybrid.inference.cache_io
 from hybrid import HybridConfig, HybridLM
-from hybrid.cache_io import load_cache, save_cache
+from hybrid.inference.cache_io import load_cache, save_cache
 
 PATTERN = ["M", {"block": "attention", "window": 5}, "S", "*", "E"]
 BASE = {
@@ -36,7 +36,7 @@ import json, sys
 import torch
 from safetensors.torch import load_model
 from hybrid import HybridConfig, HybridLM
-from hybrid.cache_io import load_cache
+from hybrid.inference.cache_io import load_cache
 
 config_path, weights_path, cache_path, first_path, n_steps, out_path = sys.argv[1:]
 model = HybridLM(HybridConfig.from_dict(json.load(open(config_path)))).eval()
@@ -308,7 +308,7 @@ def test_failed_save_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch)
         Path(filename).write_bytes(b"partial" * 100)  # some bytes hit the disk, then...
         raise OSError("disk full")
 
-    monkeypatch.setattr(hybrid.cache_io, "save_file", crash_mid_write)
+    monkeypatch.setattr(hybrid.inference.cache_io, "save_file", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         save_cache(new_cache, path)
     assert path.read_bytes() == good
@@ -329,7 +329,7 @@ def test_interrupted_save_to_a_new_path_leaves_nothing(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"x")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hybrid.cache_io, "save_file", interrupted)
+    monkeypatch.setattr(hybrid.inference.cache_io, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_cache(cache, tmp_path / "new.safetensors")
     assert os.listdir(tmp_path) == []

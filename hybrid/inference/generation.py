@@ -3,24 +3,49 @@
 Prompts of different lengths are given left-padded with an ``attention_mask`` (0 on padding),
 the convention of transformers' ``generate``. Padding never enters any state, so each row's
 tokens are the ones it would get alone.
+
+:class:`HybridLM` inherits ``generate`` / ``stream`` / ``beam_search`` from
+:class:`GenerationMixin` (as mamba_ssm's models do): this module never imports the model, and
+the functions work on any model with ``allocate_cache``, ``decode_step``, ``compiled_decode_step``,
+``config.vocab_size`` and a ``forward(ids, cache=..., attention_mask=...)`` returning logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from hybrid.sampling import SamplingConfig, count_tokens, sample, update_counts
+from hybrid.inference.cache import HybridCache
+from hybrid.inference.sampling import SamplingConfig, count_tokens, sample, update_counts
 
-if TYPE_CHECKING:
-    from hybrid.cache import HybridCache
-    from hybrid.model import HybridLM
+
+class DecodingModel(Protocol):
+    """What generation needs of a model (:class:`hybrid.HybridLM` is one)."""
+
+    config: Any  # has ``vocab_size``
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: HybridCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Any:  # has ``logits`` (batch, n, vocab_size)
+        ...
+
+    def allocate_cache(self, batch_size: int, max_seqlen: int) -> HybridCache: ...
+
+    def decode_step(
+        self, tokens: torch.Tensor, cache: HybridCache, position: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def compiled_decode_step(self, mode: str | None = None) -> Callable[..., torch.Tensor]: ...
 
 
 def check_prompt(
-    model: HybridLM,
+    model: DecodingModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None,
@@ -59,7 +84,7 @@ def check_prompt(
 
 
 def prefill(
-    model: HybridLM,
+    model: DecodingModel,
     input_ids: torch.Tensor,
     cache: HybridCache,
     attention_mask: torch.Tensor | None = None,
@@ -78,7 +103,7 @@ def prefill(
 
 
 def stream(
-    model: HybridLM,
+    model: DecodingModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -95,7 +120,7 @@ def stream(
 
     A row that produced a stop token is finished: it yields ``pad_token_id`` afterwards.
     The stream ends after ``max_new_tokens`` steps or when every row is finished. Decoding
-    runs :meth:`HybridLM.decode_step` (static shapes); ``compile=True`` (or a
+    runs the model's ``decode_step`` (static shapes); ``compile=True`` (or a
     ``torch.compile`` mode such as ``"reduce-overhead"``) compiles it first.
     """
     if not 0 <= pad_token_id < model.config.vocab_size:
@@ -139,7 +164,7 @@ def stream(
 
 
 def generate(
-    model: HybridLM,
+    model: DecodingModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -203,7 +228,7 @@ def generate(
 
 
 def beam_search(
-    model: HybridLM,
+    model: DecodingModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -250,3 +275,24 @@ def beam_search(
             cache.select(rows)
             logits = model(token.view(-1, 1), cache=cache).logits[:, -1]
     return torch.cat([input_ids, history[:, 0]], dim=1)
+
+
+class GenerationMixin:
+    """``generate``, ``stream`` and ``beam_search`` as methods of the model they run on."""
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """The prompt followed by new tokens, (batch, prompt_length + new); see
+        :func:`generate` for the options."""
+        return generate(self, input_ids, max_new_tokens, **options)
+
+    def stream(
+        self, input_ids: torch.Tensor, max_new_tokens: int, **options
+    ) -> Iterator[torch.Tensor]:
+        """Yield the new tokens step by step, (batch,) each; see :func:`stream`."""
+        yield from stream(self, input_ids, max_new_tokens, **options)
+
+    def beam_search(
+        self, input_ids: torch.Tensor, max_new_tokens: int, *, num_beams: int, **options
+    ) -> torch.Tensor:
+        """The best of ``num_beams`` beams per row; see :func:`beam_search`."""
+        return beam_search(self, input_ids, max_new_tokens, num_beams=num_beams, **options)
