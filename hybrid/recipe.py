@@ -309,3 +309,48 @@ def _field_names(location: list[str]) -> list[str]:
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what ``recipe.yaml`` in the run directory holds)."""
     return yaml.safe_dump(recipe.resolved(), sort_keys=False)
+
+
+def load_model_config(
+    source: str, overrides: list[str] | None = None, **defaults: Any
+) -> HybridConfig:
+    """A config from a recipe file (its ``model`` section) or a pattern string.
+
+    ``defaults`` (e.g. ``vocab_size``, ``d_model``) fill fields the source leaves unset;
+    ``overrides`` are dotted ``key=value`` strings applied last: relative to the model
+    (``d_model=256``), or for a recipe also full recipe paths as ``hybrid train`` takes them
+    (``model.d_model=256``, ``data.mqar.vocab_size=256``).
+
+    Raises:
+        ValueError: unreadable recipe, or an invalid config (one line naming the field).
+    """
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+        recipe = read_recipe_file(path)
+        if "model" in recipe:  # full recipe paths, as `hybrid train` takes them, apply first
+            sections = set(Recipe.model_fields)
+            full = [o for o in overrides or [] if o.partition("=")[0].split(".")[0] in sections]
+            recipe = apply_overrides(recipe, full)
+            overrides = [o for o in overrides or [] if o not in full]
+        data = recipe.get("model", recipe)
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: model: expected a mapping")
+        if "model" in recipe and "vocab_size" not in data:
+            data = {**data, "vocab_size": recipe_vocab_size(recipe)}
+    else:
+        data = {"pattern": source}
+    data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
+    return HybridConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def recipe_vocab_size(recipe: dict[str, Any]) -> int:
+    """The vocabulary a recipe's data gives its model: a synthetic task's own, else the
+    tokenizer's (bytes: 256 + end-of-document; BPE: its ``vocab_size``)."""
+    data = recipe.get("data") or {}
+    if (data.get("source") or {}).get("format") == "mqar":
+        mqar = MQARDataConfig.model_validate(data.get("mqar") or {})
+        return mqar.vocab_size
+    tokenizer = recipe.get("tokenizer") or {}
+    if tokenizer.get("kind", "byte") == "byte":
+        return 257
+    return int(tokenizer.get("vocab_size", TokenizerConfig.model_fields["vocab_size"].default))

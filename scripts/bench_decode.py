@@ -28,7 +28,7 @@ process holds a core, every region waits for its threads to be scheduled, and on
 numbers; pass ``--threads 0`` to keep torch's default on a dedicated machine.
 
 Then ``--warmup`` decode steps are run untimed and ``--steps`` timed one by one; the median is
-reported as ms/token. Cache bytes are reported for L tokens from ``hybrid.info.describe``; the
+reported as ms/token. Cache bytes are reported for L tokens from ``hybrid.accounting.describe``; the
 allocated cache's ``nbytes`` (capacity L + warm-up + steps) is checked against ``describe`` at
 that capacity.
 
@@ -74,10 +74,10 @@ from pathlib import Path
 import torch
 
 from hybrid import HybridConfig, HybridLM, pattern_from_periods
+from hybrid.accounting import describe
 from hybrid.eval.decode import fill_prefill, fill_random, time_decode
 from hybrid.inference.cache import HybridCache
 from hybrid.inference.speculative import speculative_generate
-from hybrid.info import describe
 from hybrid.model import HybridOutput
 
 D_MODEL = 256
@@ -428,9 +428,9 @@ def markdown(results: dict, meta: dict) -> str:
             if meta["fill"] == "random"
             else f"a real prefill of a random prompt in {meta['chunk']}-token chunks."
         )
-        + " Cache MiB is the cache holding L tokens (`hybrid.info.describe`: KV and conv state "
-        "in the model dtype, SSM state float32, plus 9 B of slot bookkeeping per KV position); "
-        "the allocated caches' `nbytes` matched `describe` at their capacity: "
+        + " Cache MiB is the cache holding L tokens (`hybrid.accounting.describe`: KV and conv "
+        "state in the model dtype, SSM state float32, plus 9 B of slot bookkeeping per KV "
+        "position); the allocated caches' `nbytes` matched `describe` at their capacity: "
         + ("yes." if meta["nbytes_agree"] else "**no**.")
         + f" Total run time {meta['runtime_s']:.0f} s.",
         "",

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid import HybridLM
-from hybrid.info import load_model_config
+from hybrid.recipe import load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

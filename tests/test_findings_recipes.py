@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hybrid.info import load_model_config
-from hybrid.recipe import load_recipe
+from hybrid.recipe import load_model_config, load_recipe
 
 FINDINGS = Path(__file__).resolve().parents[1] / "recipes" / "findings"
 

@@ -4,7 +4,7 @@ haystack, perplexity against context length and position, and decode cost.
 Each task is a plain function (``run_passkey``, ``run_niah``, ``run_ppl``, ``run_decode``)
 that takes a model and a tokenizer and returns a JSON-ready dict; :mod:`hybrid.eval.plots`
 draws those dicts, :func:`load_results` reads them back from ``results.json``, and
-``hybrid eval TASK`` (:mod:`hybrid.eval.runner`) ties it together with a progress bar, plots
+``hybrid eval TASK`` (:mod:`hybrid.cli.eval`) ties it together with a progress bar, plots
 and W&B. Importing this package imports no task module.
 
     hybrid eval passkey --checkpoint runs/quickstart --lengths 256 512 1024 --trials 5

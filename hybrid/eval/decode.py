@@ -6,7 +6,7 @@ slots, random conv and SSM states, as if L tokens had gone in; decode cost depen
 how many keys are in view) or by a real prefill of a random prompt (``prefill``, in
 ``chunk_size`` chunks; slower). Then ``warmup`` decode steps run untimed and ``steps`` are
 timed one by one; the median is ms/token. Cache bytes at L come from
-:func:`hybrid.info.describe` (KV and conv state in the model's dtype, SSM state float32), with
+:func:`hybrid.accounting.describe` (KV and conv state in the model's dtype, SSM state float32), with
 the breakdown per block family. ``scripts/bench_decode.py`` uses the same fill and timing
 functions to compare whole stacks.
 """
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hybrid.accounting import describe
 from hybrid.eval import inference
 from hybrid.eval.progress import progress_bar
-from hybrid.info import describe
 from layers.attention import KVCache
 
 if TYPE_CHECKING:

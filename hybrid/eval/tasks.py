@@ -5,7 +5,7 @@ A task module provides:
 
 - ``add_arguments(parser)``: its own command-line options (the common ones, ``--checkpoint``,
   ``--out``, ``--seed``, ``--chunk-size``, ``--batch-size``, ``--max-context``, ... are added
-  by :mod:`hybrid.eval.runner`);
+  by :mod:`hybrid.cli.eval`);
 - ``evaluate(args, model, tokenizer, progress) -> dict``: runs the task from the parsed options
   and returns its results, JSON-ready: ``task``, ``settings``, and lists of flat records
   (``rows``, ``samples``, ...) that become W&B tables; bad input raises ``ValueError`` with one

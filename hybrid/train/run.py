@@ -259,7 +259,7 @@ def describe_run(
     recipe: Recipe, module, stats: dict, tokens_per_step: int, wandb_mode: str | None, resume: bool
 ) -> str:
     """The lines printed when a run starts."""
-    from hybrid.info import human_count
+    from hybrid.accounting import human_count
 
     model = module.model
     train_tokens = stats.get("train_tokens")
@@ -336,7 +336,7 @@ def training_flops_per_token(config, seq_len: int) -> float:
 
 def run_summary(recipe: Recipe, module, stats: dict) -> dict[str, Any]:
     """Hyperparameters logged with the run: the recipe, model size, cache, data, commit."""
-    from hybrid.info import describe
+    from hybrid.accounting import describe
     from hybrid.provenance import source_commit
 
     config = module.config

@@ -1,4 +1,4 @@
-"""Decode cost: the fields of each row, cache bytes against hybrid.info, the bench's reuse."""
+"""Decode cost: the fields of each row, cache bytes against hybrid.accounting, the bench's reuse."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from hybrid.accounting import describe
 from hybrid.eval import decode
-from hybrid.info import describe
 
 
 def test_decode_rows_report_time_and_cache_bytes(tiny_model):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybrid import HybridConfig, HybridLM
-from hybrid.info import describe
+from hybrid.accounting import describe
 
 BASE = {
     "vocab_size": 40,

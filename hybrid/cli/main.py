@@ -1,4 +1,6 @@
-"""The ``hybrid`` command line. User errors print one line and exit 2, never a traceback."""
+"""The ``hybrid`` command: its parser and the ``info``, ``train``, ``generate`` and ``convert``
+subcommands (``eval`` is :mod:`hybrid.cli.eval`). User errors print one line and exit 2, never
+a traceback."""
 
 from __future__ import annotations
 
@@ -7,9 +9,7 @@ import sys
 
 import torch
 
-from hybrid.argparsing import OneLineParser
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from hybrid.cli.parsing import DTYPES, OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +155,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from hybrid.info import describe, format_info, load_model_config
+    from hybrid.accounting import describe
+    from hybrid.cli.info import format_info
+    from hybrid.recipe import load_model_config
 
     if args.context < 1:
         raise ValueError(f"--context: must be a positive integer; got {args.context}")
@@ -167,8 +169,8 @@ def run_info(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:  # its task decides its options: parsed by hybrid.eval.runner
-        from hybrid.eval.runner import main as run_eval
+    if argv[:1] == ["eval"]:  # its task decides its options: parsed by hybrid.cli.eval
+        from hybrid.cli.eval import main as run_eval
 
         return run_eval(argv[1:])
     parser = build_parser()
@@ -191,7 +193,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybrid {args.command}: error: {error}", file=sys.stderr)
         return 2
     return status or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from hybrid.argparsing import OneLineParser
 from hybrid.checkpoint import load_model, resolve_checkpoint
-from hybrid.cli import DTYPES
+from hybrid.cli.parsing import DTYPES, OneLineParser
 from hybrid.eval.checkpoints import default_out_dir
 from hybrid.eval.inference import DEFAULT_CHUNK_SIZE, check_positive
 from hybrid.eval.results import RESULTS_FILE, run_meta, save_results

@@ -1,0 +1,94 @@
+"""Parameter and inference-cache accounting of a config, sublayer by sublayer, without
+allocating the model (it is built on the meta device), and the units its numbers are written
+in. ``hybrid info`` prints it (:mod:`hybrid.cli.info`); the decode evaluation and the
+benchmarks size caches with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hybrid.config import HybridConfig
+from hybrid.model import HybridLM
+from layers.registry import get_block
+
+
+@dataclass
+class SublayerInfo:
+    """One sublayer's numbers."""
+
+    index: int
+    block: str
+    symbol: str
+    parameters: int
+    active_parameters: int
+    cache_bytes: int
+
+
+@dataclass
+class ModelInfo:
+    """The numbers of one config at one context length, per sublayer and in total."""
+
+    config: HybridConfig
+    context: int
+    dtype: torch.dtype
+    rows: list[SublayerInfo]
+    total_parameters: int
+    active_parameters: int
+    embedding_parameters: int
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(row.cache_bytes for row in self.rows)
+
+
+def describe(config: HybridConfig, context: int, dtype: torch.dtype = torch.bfloat16) -> ModelInfo:
+    """Count parameters (built on the meta device: no memory) and cache bytes per sequence."""
+    with torch.device("meta"):
+        model = HybridLM(config)
+    rows = []
+    for index, (name, options, block) in enumerate(
+        zip(config.layers, config.layer_options, model.blocks, strict=True)
+    ):
+        spec = get_block(name)
+        sublayer_params = sum(p.numel() for p in model.sublayers[index].parameters())
+        norm_params = sublayer_params - sum(p.numel() for p in block.parameters())
+        rows.append(
+            SublayerInfo(
+                index=index,
+                block=name,
+                symbol=spec.symbol,
+                parameters=sublayer_params,
+                active_parameters=block.active_parameters() + norm_params,
+                cache_bytes=spec.block_class.inference_state_bytes(
+                    config.d_model, options, context, dtype
+                ),
+            )
+        )
+    return ModelInfo(
+        config=config,
+        context=context,
+        dtype=dtype,
+        rows=rows,
+        total_parameters=model.num_parameters(),
+        active_parameters=model.num_parameters(active=True),
+        embedding_parameters=model.num_parameters() - model.num_parameters(embeddings=False),
+    )
+
+
+def human_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(count: int) -> str:
+    """12345678 -> '12.35M'."""
+    for threshold, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= threshold:
+            return f"{count / threshold:.2f}{suffix}"
+    return str(count)

@@ -1,0 +1,35 @@
+"""``hybrid info PATTERN_OR_RECIPE``: the accounting of :mod:`hybrid.accounting` as a table."""
+
+from __future__ import annotations
+
+from hybrid.accounting import ModelInfo, human_bytes, human_count
+
+
+def format_info(info: ModelInfo) -> str:
+    """The report as a text table plus totals."""
+    config = info.config
+    dtype_name = str(info.dtype).removeprefix("torch.")
+    header = f"{'idx':>4}  {'sym':^3}  {'block':<10} {'params':>10} {'active':>10} {'cache':>12}"
+    lines = [
+        f"pattern {config.pattern_string}  ({len(config.layers)} sublayers, d_model "
+        f"{config.d_model}, vocab {config.vocab_size})",
+        "",
+        header,
+        "-" * len(header),
+    ]
+    for row in info.rows:
+        lines.append(
+            f"{row.index:>4}  {row.symbol:^3}  {row.block:<10} {human_count(row.parameters):>10} "
+            f"{human_count(row.active_parameters):>10} {human_bytes(row.cache_bytes):>12}"
+        )
+    lines += [
+        "-" * len(header),
+        f"total parameters:   {info.total_parameters:,} ({human_count(info.total_parameters)}; "
+        f"embeddings {human_count(info.embedding_parameters)})",
+        f"active parameters:  {info.active_parameters:,} ({human_count(info.active_parameters)}; "
+        "MoE counts top-k experts)",
+        f"inference cache per sequence at {info.context:,} tokens: "
+        f"{human_bytes(info.cache_bytes)} ({info.cache_bytes:,} bytes; KV and conv state in "
+        f"{dtype_name}, SSM state in float32)",
+    ]
+    return "\n".join(lines)
