@@ -23,10 +23,11 @@ from hybrid.data.errors import DataError
 from hybrid.data.loaders import EpochBatchSampler
 from hybrid.data.stats import unigram_cross_entropy
 from hybrid.data.tokenization import resolve_tokenizer
-from hybrid.eval.haystack import passkey_filler
-from hybrid.eval.mqar import IGNORE_INDEX, TEST_STREAM, TRAIN_STREAM, MQARSpec, make_examples
-from hybrid.eval.passkey import passkey_example
+from hybrid.labels import IGNORE_INDEX
 from hybrid.recipe import DataConfig, TokenizerConfig
+from hybrid.synthetic.haystack import passkey_filler
+from hybrid.synthetic.mqar import TEST_STREAM, TRAIN_STREAM, MQARSpec, make_examples
+from hybrid.synthetic.passkey import passkey_example
 from hybrid.tokenizer import ByteTokenizer, Tokenizer
 
 
@@ -89,7 +90,7 @@ class SyntheticDataModule(pl.LightningDataModule):
 
 
 class MQARDataModule(SyntheticDataModule):
-    """MQAR examples for a training run (see :mod:`hybrid.eval.mqar`).
+    """MQAR examples for a training run (see :mod:`hybrid.synthetic.mqar`).
 
     Args:
         data: the recipe's ``data`` section (``seq_len`` and ``mqar``).
@@ -153,7 +154,7 @@ class PasskeyExamples(Dataset):
 
     Each draws a 5-digit key, a needle depth and a prompt length (between the shortest prompt
     and the whole sequence) uniformly from its own seeded random stream and is
-    :func:`hybrid.eval.passkey.passkey_example` of ``seq_len`` tokens. Labels
+    :func:`hybrid.synthetic.passkey.passkey_example` of ``seq_len`` tokens. Labels
     are the answer ids only (``supervise="answer"``) or every next id (``"all"``).
     """
 

@@ -28,7 +28,8 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from hybrid.eval import inference
-from hybrid.eval.haystack import (
+from hybrid.eval.progress import batches, progress_bar
+from hybrid.synthetic.haystack import (
     Filler,
     build_prompt,
     encode_segment,
@@ -36,7 +37,6 @@ from hybrid.eval.haystack import (
     generated_filler,
     passkey_filler,
 )
-from hybrid.eval.progress import batches, progress_bar
 
 if TYPE_CHECKING:
     from hybrid.model import HybridLM

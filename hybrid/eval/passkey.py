@@ -1,109 +1,30 @@
-"""Passkey retrieval (the Landmark-attention format): a 5-digit key hidden at a relative depth
-in repeated filler; accuracy over a grid of context lengths x depths.
+"""``hybrid eval passkey``: passkey retrieval accuracy over a grid of context lengths x depths.
 
-The prompt: the task description, the filler ("The grass is green. The sky is blue. ...")
-with the needle "The pass key is N. Remember it. N is the pass key." at the requested depth,
-then "What is the pass key? The pass key is". Its length in tokens (of the checkpoint's
-tokenizer) is exact. The answer is decoded greedily; a trial is correct when the first number
-in the continuation is the key.
+The prompts are those of :mod:`hybrid.synthetic.passkey`, at the checkpoint's tokenizer. The
+answer is decoded greedily; a trial is correct when the first number in the continuation is the
+key.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hybrid.eval import inference
-from hybrid.eval.haystack import (
-    Filler,
-    Prompt,
-    build_prompt,
-    encode_segment,
-    fixed_tokens,
-    passkey_filler,
-)
 from hybrid.eval.progress import batches, progress_bar
+from hybrid.synthetic.haystack import encode_segment
+from hybrid.synthetic.passkey import passkey_key, passkey_prompt, shortest_prompt
 
 if TYPE_CHECKING:
     from hybrid.model import HybridLM
     from hybrid.tokenizer import Tokenizer
 
-TASK_DESCRIPTION = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-    "them. I will quiz you about the important information there."
-)
-QUESTION = "What is the pass key? The pass key is"
 DEFAULT_LENGTHS = [256, 512, 1024, 2048]
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 ANSWER_MARGIN = 2  # decoded tokens beyond the key's own, so a key after a stray token counts
-
-
-def needle(key: int) -> str:
-    """The needle sentence for ``key``."""
-    return f" The pass key is {key}. Remember it. {key} is the pass key."
-
-
-def passkey_key(seed: int, length: int, depth: float, trial: int) -> int:
-    """The seeded random 5-digit key of one trial."""
-    return random.Random(f"passkey-{seed}-{length}-{depth}-{trial}").randint(10000, 99999)
-
-
-def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int) -> Prompt:
-    """The prompt of exactly ``length`` tokens with ``key``'s needle at ``depth``."""
-    return build_prompt(
-        tokenizer,
-        length,
-        TASK_DESCRIPTION + "\n",
-        [(depth, needle(key))],
-        "\n" + QUESTION,
-        passkey_filler(tokenizer),
-    )
-
-
-def passkey_example(
-    tokenizer: Tokenizer,
-    seq_len: int,
-    key: int,
-    depth: float,
-    length_fraction: float = 1.0,
-    filler: Filler | None = None,
-) -> tuple[list[int], list[int], int]:
-    """One training sequence: the passkey prompt, then the answer `` KEY.``.
-
-    The prompt is exactly the one :func:`run_passkey` asks, of a length between the shortest
-    prompt (``length_fraction`` 0) and all the room the answer leaves (1). When it is shorter
-    than that room, filler text ending with the end-of-document id comes first (another
-    document, as in packed training data), so the question sits at varying positions. The
-    sequence has ``seq_len + 1`` ids; the model reads the first ``seq_len`` (``inputs``) and
-    predicts the next id at each position (``targets``).
-
-    Returns:
-        (inputs, targets, answer_tokens): two lists of ``seq_len`` ids; the answer is the last
-        ``answer_tokens`` targets.
-
-    Raises:
-        ValueError: ``seq_len`` too short for the prompt and the answer.
-    """
-    answer = encode_segment(tokenizer, f" {key}.")
-    prefix, suffix = TASK_DESCRIPTION + "\n", "\n" + QUESTION
-    room = seq_len + 1 - len(answer)
-    shortest = fixed_tokens(tokenizer, prefix, [needle(key)], suffix)
-    if room < shortest:
-        raise ValueError(
-            f"seq_len: {seq_len} is too short for a passkey example, which needs "
-            f"{shortest + len(answer) - 1} tokens with this tokenizer"
-        )
-    length = shortest + round(min(max(length_fraction, 0.0), 1.0) * (room - shortest))
-    filler = passkey_filler(tokenizer) if filler is None else filler
-    prompt = build_prompt(tokenizer, length, prefix, [(depth, needle(key))], suffix, filler)
-    lead = room - length
-    before = filler.tokens(lead - 1)[0] + [tokenizer.eos_id] if lead else []
-    ids = before + prompt.ids + answer
-    return ids[:-1], ids[1:], len(answer)
 
 
 def score(text: str, key: int) -> bool:
@@ -170,8 +91,7 @@ def run_passkey(
         model, "lengths", lengths, extra_tokens=max_new_tokens, batch_size=batch_size,
         max_context=max_context,
     )  # fmt: skip
-    prefix, suffix = TASK_DESCRIPTION + "\n", "\n" + QUESTION
-    needs = [fixed_tokens(tokenizer, prefix, [needle(item.key)], suffix) for item in items]
+    needs = [shortest_prompt(tokenizer, item.key) for item in items]
     for item, needed in zip(items, needs, strict=True):
         if item.length < needed:
             raise ValueError(

@@ -11,16 +11,10 @@ import torch
 
 from hybrid.data.errors import DataError
 from hybrid.data.synthetic import MQARDataModule
-from hybrid.eval.mqar import (
-    IGNORE_INDEX,
-    TEST_STREAM,
-    TRAIN_STREAM,
-    MQARSpec,
-    accuracy,
-    accuracy_grid,
-    make_examples,
-)
+from hybrid.eval.mqar import accuracy, accuracy_grid
+from hybrid.labels import IGNORE_INDEX
 from hybrid.recipe import DataConfig
+from hybrid.synthetic.mqar import TEST_STREAM, TRAIN_STREAM, MQARSpec, make_examples
 
 SPEC = MQARSpec(vocab_size=64, seq_len=64, n_kv_pairs=6)
 

@@ -9,16 +9,17 @@ import torch
 
 from hybrid.data.errors import DataError
 from hybrid.data.synthetic import PasskeyDataModule, PasskeyExamples
-from hybrid.eval.haystack import fixed_tokens
-from hybrid.eval.mqar import IGNORE_INDEX, TEST_STREAM, TRAIN_STREAM
-from hybrid.eval.passkey import (
+from hybrid.labels import IGNORE_INDEX
+from hybrid.recipe import DataConfig, TokenizerConfig
+from hybrid.synthetic.haystack import fixed_tokens
+from hybrid.synthetic.mqar import TEST_STREAM, TRAIN_STREAM
+from hybrid.synthetic.passkey import (
     QUESTION,
     TASK_DESCRIPTION,
     needle,
     passkey_example,
     passkey_prompt,
 )
-from hybrid.recipe import DataConfig, TokenizerConfig
 from hybrid.tokenizer import ByteTokenizer
 
 BYTES = ByteTokenizer()

@@ -10,7 +10,7 @@ from itertools import pairwise
 import pytest
 
 from hybrid.eval import inference, niah
-from hybrid.eval.haystack import build_prompt
+from hybrid.synthetic.haystack import build_prompt
 from hybrid.tokenizer import ByteTokenizer
 
 

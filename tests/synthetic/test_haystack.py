@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid.eval.haystack import PASSKEY_FILLER, build_prompt, generated_filler, passkey_filler
-from hybrid.eval.passkey import QUESTION, TASK_DESCRIPTION, passkey_prompt
+from hybrid.synthetic.haystack import PASSKEY_FILLER, build_prompt, generated_filler, passkey_filler
+from hybrid.synthetic.passkey import QUESTION, TASK_DESCRIPTION, passkey_prompt
 from hybrid.tokenizer import ByteTokenizer, train_bpe
 
 LONGEST_SENTENCE = max(len(s) + 1 for s in PASSKEY_FILLER)  # bytes, with its leading space
