@@ -7,29 +7,16 @@ loads without the recipe that trained it. Files are written atomically.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from hybrid.atomic import atomic_write, atomic_write_text
 from hybrid.config import HybridConfig
 from hybrid.model import HybridLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Run ``write(temp_path)`` then move the result onto ``path`` (never a partial file)."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def save_pretrained(model: HybridLM, directory: str | Path) -> None:
@@ -43,9 +30,8 @@ def save_pretrained(model: HybridLM, directory: str | Path) -> None:
         for name, tensor in model.state_dict().items()
         if not (model.config.tie_embeddings and name == "lm_head.weight")
     }
-    _atomic_write(directory / WEIGHTS_FILE, lambda temp: save_file(state, temp))
-    text = json.dumps(model.config.to_dict(), indent=2)
-    _atomic_write(directory / CONFIG_FILE, lambda temp: Path(temp).write_text(text))
+    atomic_write(directory / WEIGHTS_FILE, lambda temporary: save_file(state, temporary))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2))
 
 
 def load_pretrained(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from hybrid.atomic import atomic_write
 
 if TYPE_CHECKING:
     import tokenizers
@@ -119,12 +120,11 @@ class HFTokenizer:
         return _PrefixStreamDecoder(self._tokenizer)
 
     def save(self, directory: str | Path) -> None:
-        """Write ``directory/tokenizer.json`` atomically (a temporary file, then a rename)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".tokenizer.json.{os.getpid()}.tmp"
-        self._tokenizer.save(str(temporary))
-        os.replace(temporary, directory / "tokenizer.json")
+        """Write ``directory/tokenizer.json`` atomically."""
+        atomic_write(
+            Path(directory) / "tokenizer.json",
+            lambda temporary: self._tokenizer.save(str(temporary)),
+        )
 
     @property
     def fingerprint(self) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import pyarrow.compute as pc
 from filelock import FileLock
 
+from hybrid.atomic import atomic_path, atomic_write, atomic_write_text
 from hybrid.data.errors import DataError
 from hybrid.data.sources import Documents
 from hybrid.recipe import TokenizerConfig
@@ -70,9 +70,7 @@ def resolve_tokenizer(
         given = Path(config.path)
         tokenizer = load_tokenizer_file(given, "tokenizer.path")
         if not (saved.is_file() and filecmp.cmp(given, saved, shallow=False)):
-            temporary = run_dir / f".tokenizer.json.{os.getpid()}.tmp"
-            shutil.copyfile(given, temporary)
-            os.replace(temporary, saved)
+            atomic_write(saved, lambda temporary: shutil.copyfile(given, temporary))
         return tokenizer
     settings = {"vocab_size": config.vocab_size, "train_bytes": config.train_bytes}
     recorded = run_dir / BPE_SETTINGS_FILE
@@ -83,7 +81,7 @@ def resolve_tokenizer(
             return load_tokenizer_file(saved, "tokenizer")
         tokenizer = train_bpe(training_texts(), config.vocab_size, config.train_bytes)
         tokenizer.save(run_dir)
-        recorded.write_text(json.dumps(settings))
+        atomic_write_text(recorded, json.dumps(settings))
     return tokenizer
 
 
@@ -198,13 +196,12 @@ def _write_concatenated(tokenized: datasets.Dataset, path: Path, dtype: type) ->
         int(pc.sum(pc.list_value_length(batch["ids"])).as_py() or 0)
         for batch in batches.iter(batch_size=4096)
     )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=(total,))
-    position = 0
-    for batch in batches.iter(batch_size=4096):
-        values = batch["ids"].combine_chunks().flatten().to_numpy()
-        out[position : position + len(values)] = values
-        position += len(values)
-    out.flush()
-    del out
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=(total,))
+        position = 0
+        for batch in batches.iter(batch_size=4096):
+            values = batch["ids"].combine_chunks().flatten().to_numpy()
+            out[position : position + len(values)] = values
+            position += len(values)
+        out.flush()
+        del out

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hybrid.atomic import atomic_write
+
 MIB = 2**20
 
 
@@ -173,8 +175,8 @@ def plot_mqar(results: dict[str, Any], path: str | Path) -> Path:
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # The temporary name has no image suffix, so the format is named.
+    atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=120, format=path.suffix[1:]))
     _pyplot().close(fig)
     return path
 

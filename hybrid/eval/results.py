@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hybrid.atomic import atomic_write_text
 from hybrid.provenance import source_commit
 
 RESULTS_FILE = "results.json"
@@ -23,13 +22,7 @@ def save_results(results: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = path / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(results, file, indent=2)
-        file.write("\n")
-    os.replace(temp, path)
-    return path
+    return atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from hybrid.atomic import atomic_write
 from hybrid.inference.cache import HybridCache
 from layers.base import CacheEntry
 
@@ -74,16 +74,8 @@ def save_cache(cache: HybridCache, path: str | Path) -> None:
     }
     tensors = _cpu_unshared(tensors)
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)})
-        with open(tmp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    metadata = {HEADER_KEY: json.dumps(header)}
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def load_cache(
@@ -199,20 +191,6 @@ def _cpu_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(pointer)
         out[name] = tensor
     return out
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable where the platform allows it (POSIX)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _parse_header(metadata: dict[str, str], where: str) -> dict[str, Any]:
