@@ -12,7 +12,7 @@ import yaml
 from hybrid import HybridConfig, HybridLM, pattern_from_periods, pattern_from_ratios
 from hybrid.recipe import Recipe, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 SWEEP = RECIPES / "sweep.yaml"
 BYTE_VOCAB = 257  # 256 bytes + end of document

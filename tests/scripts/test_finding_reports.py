@@ -15,7 +15,7 @@ from hybrid import HybridConfig, HybridLM
 from hybrid.checkpoint import save_pretrained
 from hybrid.cli import main
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def evaluated_runs(tmp_path: Path, task: str, names: list[str], vocab_size: int, *args) -> Path:

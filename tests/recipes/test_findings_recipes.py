@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hybrid.recipe import load_model_config, load_recipe
 
-FINDINGS = Path(__file__).resolve().parents[1] / "recipes" / "findings"
+FINDINGS = Path(__file__).resolve().parents[2] / "recipes" / "findings"
 
 
 def test_mqar_recipes_differ_only_in_the_layout():
