@@ -2,11 +2,17 @@
 
 Each Nemotron-H layer is one pre-norm residual sublayer of ours, by ``layers_block_type`` (or
 the older ``hybrid_override_pattern``): ``linear_attention`` / ``M`` is Mamba-2 (inner width
-``mamba_num_heads * mamba_head_dim``, dt clamped below at ``time_step_min``),
+``mamba_num_heads * mamba_head_dim``, dt clamped to ``time_step_limit``),
 ``full_attention`` / ``*`` attention without positional encoding, ``mlp`` / ``-`` a non-gated
 MLP (squared ReLU by default) and ``moe`` / ``E`` a sigmoid-routed MoE with a correction bias,
 group-limited choice, routed scaling and one shared expert. All norms, the Mamba-2 gated norm
 included, use ``layer_norm_epsilon``.
+
+transformers up to 5.24 clamped dt to ``[time_step_min, inf)`` whatever ``time_step_limit``
+said (``time_step_min`` is meant as the dt_bias initialisation range only); 5.25 clamps it to
+``time_step_limit``, as mamba_ssm, vLLM and llama.cpp do, and so do we. We write
+``time_step_min`` equal to the lower limit and no upper limit, so that what we write computes
+the same function under either behaviour.
 
 transformers never ties Nemotron-H's LM head to the embedding (whatever
 ``tie_word_embeddings`` says), so the head is always read from and written to the checkpoint.
@@ -32,6 +38,7 @@ from hybrid.convert.jamba import (
     stacked_experts,
     unstacked_experts,
 )
+from hybrid.convert.mamba2 import dt_limit_from_hf
 
 MODEL_TYPE = "nemotron_h"
 
@@ -56,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "time_step_min": 0.001,
     "time_step_max": 0.1,
     "time_step_floor": 1e-4,
+    "time_step_limit": (0.0, math.inf),
     "use_conv_bias": True,
     "chunk_size": 128,
     "n_routed_experts": 8,
@@ -79,6 +87,7 @@ LEGACY_NAMES = {
     "mamba_dt_min": "time_step_min",
     "mamba_dt_max": "time_step_max",
     "mamba_dt_init_floor": "time_step_floor",
+    "mamba_dt_limit": "time_step_limit",
     "mamba_conv_bias": "use_conv_bias",
     "mamba_chunk_size": "chunk_size",
 }
@@ -194,8 +203,7 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
         "conv_bias": value("use_conv_bias"),
         "bias": value("use_bias"),
         "norm_eps": value("layer_norm_epsilon"),
-        # transformers clamps dt to [time_step_min, inf), whatever time_step_limit says
-        "dt_limit": (dt_min, math.inf),
+        "dt_limit": dt_limit_from_hf(value("time_step_limit")),
     }
     if 0 < dt_min <= dt_max:  # the initialisation range only
         mamba2.update(dt_min=dt_min, dt_max=dt_max, dt_init_floor=value("time_step_floor"))
@@ -306,7 +314,7 @@ def check_expressible(config: HybridConfig) -> None:
     if "mamba2" in used:
         mamba = family_options(config, "mamba2", MODEL_TYPE)
         if mamba.dt_limit[1] != math.inf:
-            why = "Nemotron-H clamps dt only below (at time_step_min)"
+            why = "transformers before 5.25 clamps dt only below, at time_step_min"
             raise cannot_express(MODEL_TYPE, "mamba2.dt_limit", mamba.dt_limit, why)
         if mamba.norm_eps != config.norm_eps:
             why = f"Nemotron-H has one layer_norm_epsilon; norm_eps={config.norm_eps}"
@@ -370,9 +378,12 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         "chunk_size": mamba.chunk_size,
         "use_conv_bias": mamba.conv_bias,
         "use_bias": mamba.bias,
-        "time_step_min": mamba.dt_limit[0],  # transformers' lower clamp of dt
+        # time_step_min is the clamp of transformers <= 5.24 and time_step_limit that of 5.25:
+        # the same value, so both compute our function (our init range dt_min is not kept).
+        "time_step_min": mamba.dt_limit[0],
         "time_step_max": mamba.dt_max,
         "time_step_floor": mamba.dt_init_floor,
+        "time_step_limit": [mamba.dt_limit[0], math.inf],
         "layer_norm_epsilon": config.norm_eps,
         "initializer_range": config.init_std,
         # Our models carry no token ids; the tokenizer's files do.

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 pytest.importorskip("transformers")
+import transformers
 from transformers import JambaConfig, JambaForCausalLM, NemotronHConfig, NemotronHForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
@@ -189,7 +191,8 @@ def nemotron_model(seed: int = 0, **overrides) -> NemotronHForCausalLM:
         n_groups=2,
         conv_kernel=4,
         chunk_size=CHUNK,
-        time_step_min=0.05,  # also the lower clamp of dt
+        time_step_min=0.05,  # the lower clamp of dt in transformers <= 5.24
+        time_step_limit=(0.05, math.inf),  # and in 5.25: the same clamp in both
         layer_norm_epsilon=1e-3,
         n_routed_experts=8,
         n_shared_experts=1,
@@ -230,6 +233,20 @@ NEMOTRON_CASES = {
 @pytest.mark.parametrize("case", list(NEMOTRON_CASES))
 def test_nemotron_h_parity(case, tmp_path):
     check_parity(nemotron_model(**NEMOTRON_CASES[case]), tmp_path)
+
+
+@needs_torch_ssm_path
+@pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.25"),
+    reason="transformers before 5.25 clamps dt at time_step_min, not at time_step_limit",
+)
+def test_nemotron_h_dt_limit_is_time_step_limit(tmp_path):
+    """As in released checkpoints: time_step_limit (0, inf) below time_step_min (the dt_bias
+    initialisation range only), so dt is not clamped at time_step_min."""
+    model = nemotron_model(time_step_limit=(0.0, math.inf))
+    config = nemotron_h.config_from_hf(model.config.to_dict())
+    assert config.layer_options[0].dt_limit == (0.0, math.inf)
+    check_parity(model, tmp_path)
 
 
 def test_nemotron_h_no_mamba_parity(tmp_path):

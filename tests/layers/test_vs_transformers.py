@@ -440,7 +440,8 @@ def nemotron_h_config(norm_topk_prob=True) -> NemotronHConfig:
         n_groups=2,
         conv_kernel=4,
         chunk_size=CHUNK,
-        time_step_min=0.05,  # also the lower clamp of dt
+        time_step_min=0.05,  # the lower clamp of dt in transformers <= 5.24
+        time_step_limit=(0.05, math.inf),  # and in 5.25: the same clamp in both
         use_bias=True,
         layer_norm_epsilon=1e-3,
         n_routed_experts=8,
