@@ -3,6 +3,13 @@
 ``from_hf(directory)`` reads a directory written by transformers' ``save_pretrained``
 (config.json plus safetensors) for the model types in :data:`CONVERTERS`; ``to_hf(model,
 directory, model_type)`` writes one that transformers loads.
+
+One module per model type (llama, mamba2, bamba, jamba, nemotron_h: :class:`Converter`), each
+its tensor names as one table (:mod:`~hybrid.convert.mapping`: the engine that applies a table
+in both directions), built from the block families several types share
+(:mod:`~hybrid.convert.blocks`: attention, MLP, Mamba-2 / Mamba-1 mixers, experts, and their
+config keys); :mod:`~hybrid.convert.hf_config` holds what their config sides share,
+:mod:`~hybrid.convert.common` model directories and errors.
 """
 
 from __future__ import annotations

@@ -24,24 +24,60 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
+from hybrid.convert.blocks import (
+    ATTENTION,
+    MAMBA2_MIXER,
+    MAX_POSITIONS,
+    MLP,
+    attention_from_hf,
+    attention_to_hf,
+    dt_limit_from_hf,
+    mamba2_from_hf,
+    mamba2_sizes_to_hf,
+    mlp_from_hf,
+    mlp_to_hf,
+)
 from hybrid.convert.common import unsupported
-from hybrid.convert.layout import (
+from hybrid.convert.hf_config import (
     common_from_hf,
     common_to_hf,
-    name_table,
+    family_options,
     reject_quantized,
-    rename_from_hf,
-    rename_to_hf,
     require_value,
     rope_from_hf,
-    shared_options,
-    sublayer_index,
 )
-from hybrid.convert.llama import MAX_POSITIONS, attention_from_hf, attention_to_hf, mlp_to_hf
-from hybrid.convert.mamba2 import dt_limit_from_hf, mixer_from_hf, mixer_to_hf
+from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "bamba"
 PARTIAL_ROTARY_DEFAULT = 0.5  # what BambaConfig sets when rope_parameters does not say
+
+# A Bamba decoder layer is two of our sublayers: a mixer (2 i), then the MLP (2 i + 1).
+LAYER = "model.layers.{}."
+TENSORS = {
+    "embedding.weight": "model.embed_tokens.weight",
+    "final_norm.weight": "model.final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+SUBLAYERS = {
+    "attention": {
+        "sublayers.{}.norm.weight": LAYER + "input_layernorm.weight",
+        **nest(ATTENTION, "sublayers.{}.block.", LAYER + "self_attn."),
+    },
+    "mamba2": {
+        "sublayers.{}.norm.weight": LAYER + "input_layernorm.weight",
+        **nest(MAMBA2_MIXER, "sublayers.{}.block.", LAYER + "mamba."),
+    },
+    "mlp": {
+        "sublayers.{}.norm.weight": LAYER + "pre_ff_layernorm.weight",
+        **nest(MLP, "sublayers.{}.block.ffn.", LAYER + "feed_forward."),
+    },
+}
+
+
+def name_map(config: HybridConfig) -> NameMap:
+    """Our tensor names <-> Bamba's for ``config``'s model."""
+    table = model_table(TENSORS, SUBLAYERS, config, layer_of=lambda index: index // 2)
+    return NameMap(table, config, MODEL_TYPE)
 
 
 def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
@@ -65,7 +101,7 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     head_dim = hf.get("mamba_d_head", "auto")
     if head_dim == "auto":
         head_dim = expand * d_model // n_heads
-    mamba2 = mixer_from_hf(
+    mamba2 = mamba2_from_hf(
         MODEL_TYPE,
         d_model,
         n_heads=n_heads,
@@ -86,45 +122,17 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
         pattern=pattern,
         attention={**attention, "rope_theta": theta, "rope_fraction": fraction},
         mamba2=mamba2,
-        mlp={
-            "hidden_size": hf.get("intermediate_size", 14336),
-            "activation": "swiglu",
-            "bias": bool(hf.get("mlp_bias", False)),
-        },
+        mlp=mlp_from_hf(hf, MODEL_TYPE, intermediate_default=14336),
         norm_eps=eps,
         **common,
     )
-
-
-def hf_name_for(config: HybridConfig):
-    """The function mapping our tensor names to transformers' for ``config``."""
-
-    def hf_name(name: str) -> str:
-        fixed = {
-            "embedding.weight": "model.embed_tokens.weight",
-            "final_norm.weight": "model.final_layernorm.weight",
-            "lm_head.weight": "lm_head.weight",
-        }
-        if name in fixed:
-            return fixed[name]
-        index, rest = sublayer_index(name)
-        layer, is_mlp = divmod(index, 2)
-        prefix = f"model.layers.{layer}."
-        if rest == "norm.weight":
-            return prefix + ("pre_ff_layernorm.weight" if is_mlp else "input_layernorm.weight")
-        if is_mlp:
-            return prefix + "feed_forward." + rest.removeprefix("block.ffn.")
-        mixer = "self_attn." if config.layers[index] == "attention" else "mamba."
-        return prefix + mixer + rest.removeprefix("block.")
-
-    return hf_name
 
 
 def weights_from_hf(
     state: dict[str, torch.Tensor], hf: dict[str, Any], config: HybridConfig
 ) -> dict[str, torch.Tensor]:
     """Our state dict from a Bamba one."""
-    return rename_from_hf(state, name_table(config, hf_name_for(config)), config, MODEL_TYPE)
+    return name_map(config).from_hf(state)
 
 
 def unused_family(config: HybridConfig, family: str) -> Any:
@@ -156,7 +164,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
             "needs layers of a mixer (M or *) then an MLP (-)"
         )
     attn_layers = [i for i, name in enumerate(mixers) if name == "attention"]
-    attention = shared_options(config, "attention", MODEL_TYPE)
+    attention = family_options(config, "attention", MODEL_TYPE)
     if attention is not None:
         attention_keys = attention_to_hf(attention, MODEL_TYPE)
         rope = {
@@ -169,9 +177,9 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         attention_keys = {"num_attention_heads": n_heads, "num_key_value_heads": n_heads,
                           "attention_bias": False}  # fmt: skip
         rope = {"rope_theta": 10000.0, "partial_rotary_factor": PARTIAL_ROTARY_DEFAULT}
-    mamba = shared_options(config, "mamba2", MODEL_TYPE)
+    mamba = family_options(config, "mamba2", MODEL_TYPE)
     if mamba is not None:
-        sizes = mixer_to_hf(mamba, config, MODEL_TYPE)
+        sizes = mamba2_sizes_to_hf(mamba, config, MODEL_TYPE)
     else:
         mamba = unused_family(config, "mamba2")
         if mamba is None or mamba.d_inner(config.d_model) % config.d_model:
@@ -195,7 +203,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
             "mamba_proj_bias": mamba.bias,
             "time_step_limit": list(mamba.dt_limit),
         }
-    mlp = shared_options(config, "mlp", MODEL_TYPE)
+    mlp = family_options(config, "mlp", MODEL_TYPE)
     require_value(
         MODEL_TYPE, "mlp.activation", mlp.activation, "swiglu",
         "one hidden_act, silu, for the MLP and the Mamba conv",
@@ -215,4 +223,4 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
 
 def weights_to_hf(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, torch.Tensor]:
     """A Bamba state dict from ours."""
-    return rename_to_hf(state, name_table(config, hf_name_for(config)))
+    return name_map(config).to_hf(state)

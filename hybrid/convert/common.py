@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from hybrid.atomic import atomic_write, atomic_write_text
 from hybrid.config import HybridConfig
 
 
@@ -105,14 +106,21 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def write_hf(directory: Path, hf_config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-    """Write ``config.json`` and ``model.safetensors`` as transformers' save_pretrained does."""
+    """Write ``config.json`` and ``model.safetensors`` as transformers' save_pretrained does.
+
+    Each file is replaced atomically (a reader or a killed run never sees half a file); the
+    config goes last, so a new directory with a config.json has its weights.
+    """
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    atomic_write(
+        directory / "model.safetensors",
+        lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+    )
     text = json.dumps(encode_special_floats(hf_config), indent=2, sort_keys=True)
-    (directory / "config.json").write_text(text)
+    atomic_write_text(directory / "config.json", text)
 
 
 def take(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -19,7 +19,17 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.common import take, unsupported
+from hybrid.convert.blocks import ATTENTION, EXPERTS, MAMBA1_MIXER, MLP, NOPE_ATTENTION
+from hybrid.convert.common import unsupported
+from hybrid.convert.hf_config import (
+    cannot_express,
+    common_to_hf,
+    family_options,
+    get,
+    require_options,
+    written_options,
+)
+from hybrid.convert.mapping import NameMap, model_table, nest
 from hybrid.pattern import pattern_from_periods, periods_from_pattern
 
 MODEL_TYPE = "jamba"
@@ -51,76 +61,46 @@ DEFAULTS: dict[str, Any] = {
     "mamba_proj_bias": False,
 }
 
-# transformers' Mamba mixer tensor names -> ours (the rest are the same)
-MAMBA_RENAMES = {"dt_layernorm.": "dt_norm.", "b_layernorm.": "b_norm.", "c_layernorm.": "c_norm."}
 SILU = ("silu", "swish")
 
-
-def get(hf: dict[str, Any], key: str, defaults: dict[str, Any] = DEFAULTS) -> Any:
-    """``hf[key]``, or transformers' default when the key is absent or null."""
-    value = hf.get(key)
-    return defaults[key] if value is None else value
-
-
-def cannot_express(model_type: str, option: str, value: Any, why: str) -> ValueError:
-    """The one-line error for one of our options that the transformers model cannot hold."""
-    return ValueError(f"{model_type}: {option}={value!r} cannot be expressed ({why})")
-
-
-def family_options(config: HybridConfig, family: str, model_type: str) -> Any:
-    """The resolved options every ``family`` sublayer shares (transformers configs hold one
-    set per family); the family's own options when no sublayer uses it.
-
-    Raises:
-        ValueError: if sublayers of ``family`` have different options (per-layer overrides).
-    """
-    found = [o for n, o in zip(config.layers, config.layer_options, strict=True) if n == family]
-    if not found:
-        return getattr(config, family).resolve(config.d_model, family)
-    if any(o != found[0] for o in found[1:]):
-        raise ValueError(
-            f"{model_type}: the {family} sublayers have different options; a {model_type} config "
-            "holds one set per block family (per-layer overrides cannot be expressed)"
-        )
-    return found[0]
+# Jamba layer i is two of our sublayers: a mixer (2 i), then a feed-forward (2 i + 1).
+LAYER = "model.layers.{}."
+TENSORS = {
+    "embedding.weight": "model.embed_tokens.weight",
+    "final_norm.weight": "model.final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+MIXER_NORM = {"sublayers.{}.norm.weight": LAYER + "input_layernorm.weight"}
+FEEDFORWARD_NORM = {"sublayers.{}.norm.weight": LAYER + "pre_ff_layernorm.weight"}
+SUBLAYERS = {
+    "attention": MIXER_NORM | nest(ATTENTION, "sublayers.{}.block.", LAYER + "self_attn."),
+    "mamba1": MIXER_NORM | nest(MAMBA1_MIXER, "sublayers.{}.block.", LAYER + "mamba."),
+    "mlp": FEEDFORWARD_NORM | nest(MLP, "sublayers.{}.block.ffn.", LAYER + "feed_forward."),
+    "moe": FEEDFORWARD_NORM
+    | {"sublayers.{}.block.router.weight": LAYER + "feed_forward.router.weight"}
+    | nest(EXPERTS, "sublayers.{}.block.", LAYER + "feed_forward."),
+}
 
 
-def move(
-    state: dict[str, torch.Tensor],
-    out: dict[str, torch.Tensor],
-    source: str,
-    target: str,
-    renames: dict[str, str] | None = None,
-) -> None:
-    """Pop every tensor named ``source...`` from ``state`` into ``out`` as ``target...``,
-    replacing name prefixes (after ``source``) by ``renames``."""
-    for name in [n for n in state if n.startswith(source)]:
-        rest = name[len(source) :]
-        for old, new in (renames or {}).items():
-            if rest.startswith(old):
-                rest = new + rest[len(old) :]
-        out[target + rest] = state.pop(name)
+def name_map(config: HybridConfig) -> NameMap:
+    """Our tensor names <-> Jamba's for ``config``'s model."""
+    table = model_table(TENSORS, SUBLAYERS, config, layer_of=lambda index: index // 2)
+    return NameMap(table, config, MODEL_TYPE)
 
 
-def stacked_experts(
-    state: dict[str, torch.Tensor], prefix: str, projections: tuple[str, ...], n_experts: int
-) -> dict[str, torch.Tensor]:
-    """Per-expert ``{prefix}{e}.{projection}.weight`` tensors stacked to (n_experts, out, in)."""
-    return {
-        projection: torch.stack(
-            [take(state, f"{prefix}{e}.{projection}.weight") for e in range(n_experts)]
-        )
-        for projection in projections
-    }
-
-
-def unstacked_experts(experts: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`stacked_experts`: ``{prefix}{e}.{projection}.weight`` tensors."""
-    return {
-        f"{prefix}{e}.{projection}.weight": weight[e]
-        for projection, weight in experts.items()
-        for e in range(weight.shape[0])
-    }
+def unpacked_gate_up(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with transformers' in-memory ``experts.gate_up_proj`` (n_experts, 2 hidden,
+    d_model; the gate's rows, then the up's) split into ``experts.gate_proj`` and
+    ``experts.up_proj`` (the packed names :data:`~hybrid.convert.blocks.EXPERTS` reads)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            gate, up = tensor.chunk(2, dim=1)
+            out[prefix + "gate_proj"], out[prefix + "up_proj"] = gate.contiguous(), up.contiguous()
+        else:
+            out[name] = tensor
+    return out
 
 
 def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
@@ -129,24 +109,28 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     Raises:
         ValueError: naming an option that changes the computation and that we cannot express.
     """
-    if get(hf, "hidden_act") not in SILU:
+
+    def value(key: str) -> Any:
+        return get(hf, key, DEFAULTS)
+
+    if value("hidden_act") not in SILU:
         why = "silu only: it is the MLP gate and the Mamba activation, and our Mamba-1 uses silu"
         raise unsupported(MODEL_TYPE, "hidden_act", hf["hidden_act"], why)
     if hf.get("sliding_window") is not None:
         why = "transformers' Jamba attends to the whole prefix; only null is read"
         raise unsupported(MODEL_TYPE, "sliding_window", hf["sliding_window"], why)
-    d_model = get(hf, "hidden_size")
-    n_heads = get(hf, "num_attention_heads")
-    dt_rank = get(hf, "mamba_dt_rank")
-    n_experts = get(hf, "num_experts")
-    eps = get(hf, "rms_norm_eps")
+    d_model = value("hidden_size")
+    n_heads = value("num_attention_heads")
+    dt_rank = value("mamba_dt_rank")
+    n_experts = value("num_experts")
+    eps = value("rms_norm_eps")
     has_moe = n_experts > 1
     pattern = pattern_from_periods(
-        get(hf, "num_hidden_layers"),
-        get(hf, "attn_layer_period"),
-        get(hf, "attn_layer_offset"),
-        get(hf, "expert_layer_period") if has_moe else None,
-        get(hf, "expert_layer_offset"),
+        value("num_hidden_layers"),
+        value("attn_layer_period"),
+        value("attn_layer_offset"),
+        value("expert_layer_period") if has_moe else None,
+        value("expert_layer_offset"),
         mixer="mamba1",
     )
     n_kv_heads = hf.get("num_key_value_heads", DEFAULTS["num_key_value_heads"]) or n_heads
@@ -158,34 +142,34 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
             "rope": False,
         },
         "mamba1": {
-            "d_state": get(hf, "mamba_d_state"),
-            "expand": get(hf, "mamba_expand"),
+            "d_state": value("mamba_d_state"),
+            "expand": value("mamba_expand"),
             "dt_rank": math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank,
-            "d_conv": get(hf, "mamba_d_conv"),
-            "conv_bias": get(hf, "mamba_conv_bias"),
-            "bias": get(hf, "mamba_proj_bias"),
+            "d_conv": value("mamba_d_conv"),
+            "conv_bias": value("mamba_conv_bias"),
+            "bias": value("mamba_proj_bias"),
             "inner_norms": True,
             "norm_eps": eps,
         },
-        "mlp": {"hidden_size": get(hf, "intermediate_size"), "activation": "swiglu"},
+        "mlp": {"hidden_size": value("intermediate_size"), "activation": "swiglu"},
     }
     if has_moe:
         families["moe"] = {
             "n_experts": n_experts,
-            "top_k": get(hf, "num_experts_per_tok"),
-            "expert_hidden_size": get(hf, "intermediate_size"),
+            "top_k": value("num_experts_per_tok"),
+            "expert_hidden_size": value("intermediate_size"),
             "activation": "swiglu",
             "router": "softmax",
             "normalize_top_k": False,
-            "aux_loss_weight": get(hf, "router_aux_loss_coef"),
+            "aux_loss_weight": value("router_aux_loss_coef"),
         }
     return HybridConfig(
         pattern=pattern,
-        vocab_size=get(hf, "vocab_size"),
+        vocab_size=value("vocab_size"),
         d_model=d_model,
         norm_eps=eps,
-        tie_embeddings=bool(get(hf, "tie_word_embeddings")),
-        init_std=get(hf, "initializer_range"),
+        tie_embeddings=bool(value("tie_word_embeddings")),
+        init_std=value("initializer_range"),
         **families,
     )
 
@@ -194,53 +178,7 @@ def weights_from_hf(
     state: dict[str, torch.Tensor], hf: dict[str, Any], config: HybridConfig
 ) -> dict[str, torch.Tensor]:
     """Our state dict for a transformers Jamba state dict (``model.*`` and ``lm_head``)."""
-    state = dict(state)
-    out = {
-        "embedding.weight": take(state, "model.embed_tokens.weight"),
-        "final_norm.weight": take(state, "model.final_layernorm.weight"),
-    }
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    else:
-        out["lm_head.weight"] = take(state, "lm_head.weight")
-    for i in range(len(config.layers) // 2):
-        theirs, mixer, ffn = f"model.layers.{i}.", f"sublayers.{2 * i}.", f"sublayers.{2 * i + 1}."
-        out[mixer + "norm.weight"] = take(state, theirs + "input_layernorm.weight")
-        out[ffn + "norm.weight"] = take(state, theirs + "pre_ff_layernorm.weight")
-        if config.layers[2 * i] == "attention":
-            move(state, out, theirs + "self_attn.", mixer + "block.")
-        else:
-            move(state, out, theirs + "mamba.", mixer + "block.", MAMBA_RENAMES)
-        if config.layers[2 * i + 1] == "mlp":
-            move(state, out, theirs + "feed_forward.", ffn + "block.ffn.")
-            continue
-        options = config.layer_options[2 * i + 1]
-        source = theirs + "feed_forward."
-        out[ffn + "block.router.weight"] = take(state, source + "router.weight")
-        if source + "experts.gate_up_proj" in state:  # transformers' packed layout
-            gate_up = take(state, source + "experts.gate_up_proj")
-            hidden = options.expert_hidden_size
-            experts = {"gate_proj": gate_up[:, :hidden], "up_proj": gate_up[:, hidden:]}
-            experts["down_proj"] = take(state, source + "experts.down_proj")
-        else:
-            projections = ("gate_proj", "up_proj", "down_proj")
-            experts = stacked_experts(state, source + "experts.", projections, options.n_experts)
-        for projection, weight in experts.items():
-            out[f"{ffn}block.experts.{projection}"] = weight.contiguous()
-    if state:
-        raise ValueError(f"{MODEL_TYPE}: weights: unexpected tensors {sorted(state)[:3]}")
-    return out
-
-
-def require_options(
-    model_type: str, family: str, options: Any, allowed: dict[str, Any], why: str
-) -> None:
-    """Raise :func:`cannot_express` for the first field of ``options`` not equal to ``allowed``."""
-    for name, value in allowed.items():
-        if getattr(options, name) != value:
-            raise cannot_express(
-                model_type, f"{family}.{name}", getattr(options, name), f"{why}: needs {value!r}"
-            )
+    return name_map(config).from_hf(unpacked_gate_up(state))
 
 
 def check_expressible(config: HybridConfig) -> dict[str, Any]:
@@ -259,8 +197,7 @@ def check_expressible(config: HybridConfig) -> dict[str, Any]:
     used = set(config.layers)
     if "attention" in used:
         attention = family_options(config, "attention", MODEL_TYPE)
-        allowed = {"rope": False, "window": None, "qkv_bias": False, "out_bias": False}
-        require_options(MODEL_TYPE, "attention", attention, allowed, "Jamba's attention")
+        require_options(MODEL_TYPE, "attention", attention, NOPE_ATTENTION, "Jamba's attention")
     if "mamba1" in used:
         mamba = family_options(config, "mamba1", MODEL_TYPE)
         require_options(MODEL_TYPE, "mamba1", mamba, {"inner_norms": True}, "Jamba's Mamba")
@@ -301,12 +238,12 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     """
     periods = check_expressible(config)
     n_layers = periods["n_layers"]
-    attention = family_options(config, "attention", MODEL_TYPE)
-    mamba = family_options(config, "mamba1", MODEL_TYPE)
+    attention = written_options(config, "attention", MODEL_TYPE)
+    mamba = written_options(config, "mamba1", MODEL_TYPE)
     has_moe = "moe" in config.layers
-    moe = family_options(config, "moe", MODEL_TYPE) if has_moe else None
+    moe = written_options(config, "moe", MODEL_TYPE) if has_moe else None
     intermediate = (
-        family_options(config, "mlp", MODEL_TYPE).hidden_size
+        written_options(config, "mlp", MODEL_TYPE).hidden_size
         if "mlp" in config.layers or moe is None
         else moe.expert_hidden_size
     )
@@ -314,22 +251,13 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     if attn_period is None:  # no attention layer: a period longer than the stack
         attn_period, attn_offset = n_layers + 1, n_layers
     hf = {
-        "model_type": MODEL_TYPE,
-        "architectures": ["JambaForCausalLM"],
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
+        **common_to_hf(config, MODEL_TYPE, "JambaForCausalLM"),
         "intermediate_size": intermediate,
         "num_hidden_layers": n_layers,
         "num_attention_heads": attention.n_heads,
         "num_key_value_heads": attention.n_kv_heads,
         "hidden_act": "silu",
         "rms_norm_eps": config.norm_eps,
-        "tie_word_embeddings": config.tie_embeddings,
-        "initializer_range": config.init_std,
-        # Our models carry no token ids; the tokenizer's files do.
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
         "attn_layer_period": attn_period,
         "attn_layer_offset": attn_offset,
         "expert_layer_period": periods["expert_layer_period"] or 1,
@@ -353,32 +281,4 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
 def weights_to_hf(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, torch.Tensor]:
     """A transformers Jamba state dict for our ``state`` (one tensor per expert projection)."""
     check_expressible(config)
-    state = dict(state)
-    out = {
-        "model.embed_tokens.weight": take(state, "embedding.weight"),
-        "model.final_layernorm.weight": take(state, "final_norm.weight"),
-    }
-    if config.tie_embeddings:  # transformers ties it back to the embedding
-        state.pop("lm_head.weight", None)
-    else:
-        out["lm_head.weight"] = take(state, "lm_head.weight")
-    inverse = {new: old for old, new in MAMBA_RENAMES.items()}
-    for i in range(len(config.layers) // 2):
-        theirs, mixer, ffn = f"model.layers.{i}.", f"sublayers.{2 * i}.", f"sublayers.{2 * i + 1}."
-        out[theirs + "input_layernorm.weight"] = take(state, mixer + "norm.weight")
-        out[theirs + "pre_ff_layernorm.weight"] = take(state, ffn + "norm.weight")
-        if config.layers[2 * i] == "attention":
-            move(state, out, mixer + "block.", theirs + "self_attn.")
-        else:
-            move(state, out, mixer + "block.", theirs + "mamba.", inverse)
-        if config.layers[2 * i + 1] == "mlp":
-            move(state, out, ffn + "block.ffn.", theirs + "feed_forward.")
-            continue
-        target = theirs + "feed_forward."
-        out[target + "router.weight"] = take(state, ffn + "block.router.weight")
-        projections = ("gate_proj", "up_proj", "down_proj")
-        experts = {p: take(state, f"{ffn}block.experts.{p}") for p in projections}
-        out.update(unstacked_experts(experts, target + "experts."))
-    if state:
-        raise ValueError(f"{MODEL_TYPE}: weights: tensors with no Jamba place {sorted(state)[:3]}")
-    return out
+    return name_map(config).to_hf(state)

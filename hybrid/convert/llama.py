@@ -19,88 +19,51 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.common import unsupported
-from hybrid.convert.layout import (
+from hybrid.convert.blocks import (
+    ATTENTION,
+    MAX_POSITIONS,
+    MLP,
+    attention_from_hf,
+    attention_to_hf,
+    mlp_from_hf,
+    mlp_to_hf,
+)
+from hybrid.convert.hf_config import (
     common_from_hf,
     common_to_hf,
-    name_table,
+    family_options,
     reject_quantized,
-    rename_from_hf,
-    rename_to_hf,
     require_layers,
     require_value,
     rope_from_hf,
-    shared_options,
-    sublayer_index,
 )
+from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "llama"
 
-# transformers hidden_act of a gated MLP -> our mlp activation, and back
-ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
-HF_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
-
-# Written as max_position_embeddings: plain RoPE works at any length; this only bounds what
-# transformers pre-allocates for static caches.
-MAX_POSITIONS = 131072
-
-
-def mlp_from_hf(hf: dict[str, Any], model_type: str, intermediate_default: int) -> dict[str, Any]:
-    """Our ``mlp`` options from a Llama-style gated MLP config."""
-    act = hf.get("hidden_act", "silu")
-    if act not in ACTIVATIONS:
-        raise unsupported(model_type, "hidden_act", act, f"one of {', '.join(ACTIVATIONS)}")
-    return {
-        "hidden_size": hf.get("intermediate_size", intermediate_default),
-        "activation": ACTIVATIONS[act],
-        "bias": bool(hf.get("mlp_bias", False)),
-    }
+# A Llama decoder layer is two of our sublayers: attention (2 i), then the MLP (2 i + 1).
+LAYER = "model.layers.{}."
+TENSORS = {
+    "embedding.weight": "model.embed_tokens.weight",
+    "final_norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+SUBLAYERS = {
+    "attention": {
+        "sublayers.{}.norm.weight": LAYER + "input_layernorm.weight",
+        **nest(ATTENTION, "sublayers.{}.block.", LAYER + "self_attn."),
+    },
+    "mlp": {
+        "sublayers.{}.norm.weight": LAYER + "post_attention_layernorm.weight",
+        **nest(MLP, "sublayers.{}.block.ffn.", LAYER + "mlp."),
+    },
+}
 
 
-def attention_from_hf(
-    hf: dict[str, Any], *, heads_default: int, kv_default: int | None, d_model: int
-) -> dict[str, Any]:
-    """Our ``attention`` options (without RoPE) from a Llama-style attention config."""
-    n_heads = hf.get("num_attention_heads", heads_default)
-    n_kv_heads = hf.get("num_key_value_heads", kv_default) or n_heads
-    bias = bool(hf.get("attention_bias", False))
-    return {
-        "n_heads": n_heads,
-        "n_kv_heads": n_kv_heads,
-        "head_dim": hf.get("head_dim") or d_model // n_heads,
-        "qkv_bias": bias,
-        "out_bias": bias,
-    }
-
-
-def attention_to_hf(options: Any, model_type: str) -> dict[str, Any]:
-    """The Llama-style attention keys of resolved attention options (no RoPE keys)."""
-    require_value(model_type, "attention.rope", options.rope, True, "RoPE on every attention")
-    require_value(model_type, "attention.window", options.window, None, "full causal attention")
-    require_value(
-        model_type, "attention.out_bias", options.out_bias, options.qkv_bias,
-        "one attention_bias for q, k, v and o",
-    )  # fmt: skip
-    return {
-        "num_attention_heads": options.n_heads,
-        "num_key_value_heads": options.n_kv_heads,
-        "head_dim": options.head_dim,
-        "attention_bias": options.qkv_bias,
-    }
-
-
-def mlp_to_hf(options: Any, model_type: str) -> dict[str, Any]:
-    """The Llama-style MLP keys of resolved mlp options."""
-    if options.activation not in HF_ACTIVATIONS:
-        raise ValueError(
-            f"{model_type}: cannot express mlp.activation={options.activation!r} "
-            f"({model_type} has a gated MLP: {', '.join(HF_ACTIVATIONS)})"
-        )
-    return {
-        "intermediate_size": options.hidden_size,
-        "hidden_act": HF_ACTIVATIONS[options.activation],
-        "mlp_bias": options.bias,
-    }
+def name_map(config: HybridConfig) -> NameMap:
+    """Our tensor names <-> Llama's for ``config``'s model."""
+    table = model_table(TENSORS, SUBLAYERS, config, layer_of=lambda index: index // 2)
+    return NameMap(table, config, MODEL_TYPE)
 
 
 def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
@@ -120,30 +83,11 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     )
 
 
-def hf_name(name: str) -> str:
-    """The transformers tensor name of one of our tensor names."""
-    fixed = {
-        "embedding.weight": "model.embed_tokens.weight",
-        "final_norm.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight",
-    }
-    if name in fixed:
-        return fixed[name]
-    index, rest = sublayer_index(name)
-    layer, is_mlp = divmod(index, 2)
-    prefix = f"model.layers.{layer}."
-    if rest == "norm.weight":
-        return prefix + ("post_attention_layernorm.weight" if is_mlp else "input_layernorm.weight")
-    if is_mlp:
-        return prefix + "mlp." + rest.removeprefix("block.ffn.")
-    return prefix + "self_attn." + rest.removeprefix("block.")
-
-
 def weights_from_hf(
     state: dict[str, torch.Tensor], hf: dict[str, Any], config: HybridConfig
 ) -> dict[str, torch.Tensor]:
     """Our state dict from a Llama one."""
-    return rename_from_hf(state, name_table(config, hf_name), config, MODEL_TYPE)
+    return name_map(config).from_hf(state)
 
 
 def config_to_hf(config: HybridConfig) -> dict[str, Any]:
@@ -155,7 +99,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     """
     n_layers = len(config.layers) // 2
     require_layers(config, ["attention", "mlp"] * n_layers, MODEL_TYPE, "the pattern '*-' * n")
-    attention = shared_options(config, "attention", MODEL_TYPE)
+    attention = family_options(config, "attention", MODEL_TYPE)
     require_value(
         MODEL_TYPE, "attention.rope_fraction", attention.rope_fraction, 1.0, "RoPE on whole heads"
     )
@@ -167,7 +111,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     return {
         **common_to_hf(config, MODEL_TYPE, "LlamaForCausalLM"),
         **attention_to_hf(attention, MODEL_TYPE),
-        **mlp_to_hf(shared_options(config, "mlp", MODEL_TYPE), MODEL_TYPE),
+        **mlp_to_hf(family_options(config, "mlp", MODEL_TYPE), MODEL_TYPE),
         "num_hidden_layers": n_layers,
         "rms_norm_eps": config.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": attention.rope_theta},
@@ -177,4 +121,4 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
 
 def weights_to_hf(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, torch.Tensor]:
     """A Llama state dict from ours."""
-    return rename_to_hf(state, name_table(config, hf_name))
+    return name_map(config).to_hf(state)

@@ -26,73 +26,36 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.common import unsupported
-from hybrid.convert.layout import (
+from hybrid.convert.blocks import MAMBA2_MIXER, dt_limit_from_hf, mamba2_from_hf, mamba2_sizes_to_hf
+from hybrid.convert.hf_config import (
     common_from_hf,
     common_to_hf,
-    name_table,
+    family_options,
     reject_quantized,
-    rename_from_hf,
-    rename_to_hf,
     require_layers,
-    require_value,
-    shared_options,
-    sublayer_index,
 )
+from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "mamba2"
 
-
-def dt_limit_from_hf(value: Any) -> tuple[float, float]:
-    """``time_step_limit`` as our ``dt_limit`` (None: no clamp)."""
-    if value is None:
-        return (0.0, math.inf)
-    low, high = value
-    return (float(low), float(high))
-
-
-def mixer_from_hf(
-    model_type: str,
-    d_model: int,
-    *,
-    n_heads: int,
-    head_dim: int,
-    expand: Any,
-    hidden_act: str,
-    **options: Any,
-) -> dict[str, Any]:
-    """Our ``mamba2`` options of a transformers Mamba-2 mixer (Mamba2, Bamba).
-
-    ``options`` are our option names already mapped (d_state, ngroups, ...).
-    """
-    if hidden_act != "silu":
-        raise unsupported(model_type, "hidden_act", hidden_act, "silu, the Mamba-2 conv activation")
-    if n_heads * head_dim != expand * d_model:
-        raise ValueError(
-            f"{model_type}: heads {n_heads} * head_dim {head_dim} must equal expand {expand} * "
-            f"hidden_size {d_model}"
-        )
-    return {"headdim": head_dim, "expand": expand, **options}
+# Each Mamba2 block is one of our sublayers: sublayer i is backbone layer i.
+LAYER = "backbone.layers.{}."
+TENSORS = {
+    "embedding.weight": "backbone.embeddings.weight",
+    "final_norm.weight": "backbone.norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+SUBLAYERS = {
+    "mamba2": {
+        "sublayers.{}.norm.weight": LAYER + "norm.weight",
+        **nest(MAMBA2_MIXER, "sublayers.{}.block.", LAYER + "mixer."),
+    }
+}
 
 
-def mixer_to_hf(options: Any, config: HybridConfig, model_type: str) -> dict[str, Any]:
-    """Checked sizes of resolved ``mamba2`` options: our option name -> value.
-
-    Raises:
-        ValueError: the inner width is not a multiple of d_model (transformers' ``expand`` is an
-            integer) or the gated norm's epsilon differs from the other norms'.
-    """
-    d_inner = options.d_inner(config.d_model)
-    if d_inner % config.d_model:
-        raise ValueError(
-            f"{model_type}: cannot express a Mamba-2 inner width {d_inner} that is not a "
-            f"multiple of d_model={config.d_model} ({model_type} has an integer expand)"
-        )
-    require_value(
-        model_type, "mamba2.norm_eps", options.norm_eps, config.norm_eps,
-        "one epsilon for all norms, the model's norm_eps",
-    )  # fmt: skip
-    return {"expand": d_inner // config.d_model, "n_heads": d_inner // options.headdim}
+def name_map(config: HybridConfig) -> NameMap:
+    """Our tensor names <-> Mamba2's for ``config``'s model."""
+    return NameMap(model_table(TENSORS, SUBLAYERS, config), config, MODEL_TYPE)
 
 
 def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
@@ -100,7 +63,7 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     reject_quantized(hf, MODEL_TYPE)
     common = common_from_hf(hf, vocab_default=32768, hidden_default=4096)
     eps = float(hf.get("layer_norm_epsilon", 1e-5))
-    mamba2 = mixer_from_hf(
+    mamba2 = mamba2_from_hf(
         MODEL_TYPE,
         common["d_model"],
         n_heads=hf.get("num_heads", 128),
@@ -124,22 +87,6 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     )
 
 
-def hf_name(name: str) -> str:
-    """The transformers tensor name of one of our tensor names."""
-    fixed = {
-        "embedding.weight": "backbone.embeddings.weight",
-        "final_norm.weight": "backbone.norm_f.weight",
-        "lm_head.weight": "lm_head.weight",
-    }
-    if name in fixed:
-        return fixed[name]
-    index, rest = sublayer_index(name)
-    prefix = f"backbone.layers.{index}."
-    return prefix + (
-        "norm.weight" if rest == "norm.weight" else "mixer." + rest.removeprefix("block.")
-    )
-
-
 def weights_from_hf(
     state: dict[str, torch.Tensor], hf: dict[str, Any], config: HybridConfig
 ) -> dict[str, torch.Tensor]:
@@ -147,7 +94,7 @@ def weights_from_hf(
     state = dict(state)
     if "backbone.embedding.weight" in state and "backbone.embeddings.weight" not in state:
         state["backbone.embeddings.weight"] = state.pop("backbone.embedding.weight")
-    return rename_from_hf(state, name_table(config, hf_name), config, MODEL_TYPE)
+    return name_map(config).from_hf(state)
 
 
 def config_to_hf(config: HybridConfig) -> dict[str, Any]:
@@ -158,8 +105,8 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
             transformers can express.
     """
     require_layers(config, ["mamba2"] * len(config.layers), MODEL_TYPE, "the pattern 'M' * n")
-    options = shared_options(config, "mamba2", MODEL_TYPE)
-    sizes = mixer_to_hf(options, config, MODEL_TYPE)
+    options = family_options(config, "mamba2", MODEL_TYPE)
+    sizes = mamba2_sizes_to_hf(options, config, MODEL_TYPE)
     return {
         **common_to_hf(config, MODEL_TYPE, "Mamba2ForCausalLM"),
         "num_hidden_layers": len(config.layers),
@@ -184,4 +131,4 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
 
 def weights_to_hf(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, torch.Tensor]:
     """A Mamba2 state dict from ours."""
-    return rename_to_hf(state, name_table(config, hf_name))
+    return name_map(config).to_hf(state)

@@ -2,11 +2,17 @@
 
 Each Nemotron-H layer is one pre-norm residual sublayer of ours, by ``layers_block_type`` (or
 the older ``hybrid_override_pattern``): ``linear_attention`` / ``M`` is Mamba-2 (inner width
-``mamba_num_heads * mamba_head_dim``, dt clamped below at ``time_step_min``),
+``mamba_num_heads * mamba_head_dim``, dt clamped to ``time_step_limit``),
 ``full_attention`` / ``*`` attention without positional encoding, ``mlp`` / ``-`` a non-gated
 MLP (squared ReLU by default) and ``moe`` / ``E`` a sigmoid-routed MoE with a correction bias,
 group-limited choice, routed scaling and one shared expert. All norms, the Mamba-2 gated norm
 included, use ``layer_norm_epsilon``.
+
+transformers up to 5.24 clamped dt to ``[time_step_min, inf)`` whatever ``time_step_limit``
+said (``time_step_min`` is meant as the dt_bias initialisation range only); 5.25 clamps it to
+``time_step_limit``, as mamba_ssm, vLLM and llama.cpp do, and so do we. We write
+``time_step_min`` equal to the lower limit and no upper limit, so that what we write computes
+the same function under either behaviour.
 
 transformers never ties Nemotron-H's LM head to the embedding (whatever
 ``tie_word_embeddings`` says), so the head is always read from and written to the checkpoint.
@@ -22,16 +28,24 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.common import take, unsupported
-from hybrid.convert.jamba import (
+from hybrid.convert.blocks import (
+    ATTENTION,
+    EXPERTS,
+    MAMBA2_MIXER,
+    MLP,
+    NOPE_ATTENTION,
+    dt_limit_from_hf,
+)
+from hybrid.convert.common import unsupported
+from hybrid.convert.hf_config import (
     cannot_express,
+    common_to_hf,
     family_options,
     get,
-    move,
     require_options,
-    stacked_experts,
-    unstacked_experts,
+    written_options,
 )
+from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "nemotron_h"
 
@@ -56,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "time_step_min": 0.001,
     "time_step_max": 0.1,
     "time_step_floor": 1e-4,
+    "time_step_limit": (0.0, math.inf),
     "use_conv_bias": True,
     "chunk_size": 128,
     "n_routed_experts": 8,
@@ -79,6 +94,7 @@ LEGACY_NAMES = {
     "mamba_dt_min": "time_step_min",
     "mamba_dt_max": "time_step_max",
     "mamba_dt_init_floor": "time_step_floor",
+    "mamba_dt_limit": "time_step_limit",
     "mamba_conv_bias": "use_conv_bias",
     "mamba_chunk_size": "chunk_size",
 }
@@ -113,6 +129,32 @@ ACTIVATIONS = {
     "gelu_new": "gelu",
 }
 HF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "gelu": "gelu_pytorch_tanh"}
+
+# Each Nemotron-H layer is one of our sublayers, its block under "mixer." whatever it is.
+LAYER = "backbone.layers.{}."
+TENSORS = {
+    "embedding.weight": "backbone.embeddings.weight",
+    "final_norm.weight": "backbone.norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+NORM = {"sublayers.{}.norm.weight": LAYER + "norm.weight"}
+SUBLAYERS = {
+    "mamba2": NORM | nest(MAMBA2_MIXER, "sublayers.{}.block.", LAYER + "mixer."),
+    "attention": NORM | nest(ATTENTION, "sublayers.{}.block.", LAYER + "mixer."),
+    "mlp": NORM | nest(MLP, "sublayers.{}.block.ffn.", LAYER + "mixer."),
+    "moe": NORM
+    | {
+        "sublayers.{}.block.router.weight": LAYER + "mixer.gate.weight",
+        "sublayers.{}.block.score_bias": LAYER + "mixer.gate.e_score_correction_bias",
+    }
+    | nest(EXPERTS, "sublayers.{}.block.", LAYER + "mixer.")
+    | nest(MLP, "sublayers.{}.block.shared.", LAYER + "mixer.shared_experts."),
+}
+
+
+def name_map(config: HybridConfig) -> NameMap:
+    """Our tensor names <-> Nemotron-H's for ``config``'s model."""
+    return NameMap(model_table(TENSORS, SUBLAYERS, config), config, MODEL_TYPE)
 
 
 def normalized(hf: dict[str, Any]) -> dict[str, Any]:
@@ -194,8 +236,7 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
         "conv_bias": value("use_conv_bias"),
         "bias": value("use_bias"),
         "norm_eps": value("layer_norm_epsilon"),
-        # transformers clamps dt to [time_step_min, inf), whatever time_step_limit says
-        "dt_limit": (dt_min, math.inf),
+        "dt_limit": dt_limit_from_hf(value("time_step_limit")),
     }
     if 0 < dt_min <= dt_max:  # the initialisation range only
         mamba2.update(dt_min=dt_min, dt_max=dt_max, dt_init_floor=value("time_step_floor"))
@@ -240,55 +281,19 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     )
 
 
-def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict with ``backbone.`` (checkpoints) or ``model.`` (transformers' module
-    names) dropped from the names."""
-    out = {}
-    for name, tensor in state.items():
-        for prefix in ("backbone.", "model."):
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        out[name] = tensor
-    return out
-
-
 def weights_from_hf(
     state: dict[str, torch.Tensor], hf: dict[str, Any], config: HybridConfig
 ) -> dict[str, torch.Tensor]:
-    """Our state dict for a transformers Nemotron-H state dict."""
-    state = strip_prefix(state)
-    out = {
-        "embedding.weight": take(state, "embeddings.weight"),
-        "final_norm.weight": take(state, "norm_f.weight"),
+    """Our state dict for a transformers Nemotron-H state dict (``backbone.*`` names as in
+    checkpoints, or ``model.*`` as transformers' modules name them)."""
+    state = {
+        "backbone." + name.removeprefix("model.") if name.startswith("model.") else name: tensor
+        for name, tensor in state.items()
     }
-    if "lm_head.weight" in state:
-        out["lm_head.weight"] = take(state, "lm_head.weight")
-    else:  # a checkpoint that relied on tying (transformers would leave the head random)
-        out["lm_head.weight"] = out["embedding.weight"]
-    for i, name in enumerate(config.layers):
-        theirs, ours = f"layers.{i}.", f"sublayers.{i}."
-        out[ours + "norm.weight"] = take(state, theirs + "norm.weight")
-        mixer = theirs + "mixer."
-        if name == "mlp":
-            move(state, out, mixer, ours + "block.ffn.")
-        elif name != "moe":
-            move(state, out, mixer, ours + "block.")
-        else:
-            options = config.layer_options[i]
-            out[ours + "block.router.weight"] = take(state, mixer + "gate.weight")
-            out[ours + "block.score_bias"] = take(state, mixer + "gate.e_score_correction_bias")
-            move(state, out, mixer + "shared_experts.", ours + "block.shared.")
-            if mixer + "experts.up_proj" in state:  # transformers' packed layout
-                experts = {p: take(state, f"{mixer}experts.{p}") for p in ("up_proj", "down_proj")}
-            else:
-                projections = ("up_proj", "down_proj")
-                experts = stacked_experts(state, mixer + "experts.", projections, options.n_experts)
-            for projection, weight in experts.items():
-                out[f"{ours}block.experts.{projection}"] = weight
-    if state:
-        raise ValueError(f"{MODEL_TYPE}: weights: unexpected tensors {sorted(state)[:3]}")
-    return out
+    # a checkpoint that relied on tying (transformers would leave the head random)
+    if "lm_head.weight" not in state and "backbone.embeddings.weight" in state:
+        state["lm_head.weight"] = state["backbone.embeddings.weight"]
+    return name_map(config).from_hf(state)
 
 
 def check_expressible(config: HybridConfig) -> None:
@@ -301,12 +306,13 @@ def check_expressible(config: HybridConfig) -> None:
     used = set(config.layers)
     if "attention" in used:
         attention = family_options(config, "attention", MODEL_TYPE)
-        allowed = {"rope": False, "window": None, "qkv_bias": False, "out_bias": False}
-        require_options(MODEL_TYPE, "attention", attention, allowed, "Nemotron-H's attention")
+        require_options(
+            MODEL_TYPE, "attention", attention, NOPE_ATTENTION, "Nemotron-H's attention"
+        )
     if "mamba2" in used:
         mamba = family_options(config, "mamba2", MODEL_TYPE)
         if mamba.dt_limit[1] != math.inf:
-            why = "Nemotron-H clamps dt only below (at time_step_min)"
+            why = "transformers before 5.25 clamps dt only below, at time_step_min"
             raise cannot_express(MODEL_TYPE, "mamba2.dt_limit", mamba.dt_limit, why)
         if mamba.norm_eps != config.norm_eps:
             why = f"Nemotron-H has one layer_norm_epsilon; norm_eps={config.norm_eps}"
@@ -342,17 +348,14 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: naming an option of ours that Nemotron-H cannot express.
     """
     check_expressible(config)
-    attention = family_options(config, "attention", MODEL_TYPE)
-    mamba = family_options(config, "mamba2", MODEL_TYPE)
-    mlp = family_options(config, "mlp", MODEL_TYPE)
-    moe = family_options(config, "moe", MODEL_TYPE) if "moe" in config.layers else None
+    attention = written_options(config, "attention", MODEL_TYPE)
+    mamba = written_options(config, "mamba2", MODEL_TYPE)
+    mlp = written_options(config, "mlp", MODEL_TYPE)
+    moe = written_options(config, "moe", MODEL_TYPE) if "moe" in config.layers else None
     fallback = moe.activation if moe else "relu2"
     activation = mlp.activation if "mlp" in config.layers else fallback
     hf: dict[str, Any] = {
-        "model_type": MODEL_TYPE,
-        "architectures": ["NemotronHForCausalLM"],
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
+        **common_to_hf(config, MODEL_TYPE, "NemotronHForCausalLM"),
         "layers_block_type": [LAYER_TYPES[name] for name in config.layers],
         "tie_word_embeddings": False,  # transformers never ties them; the head is written
         "num_attention_heads": attention.n_heads,
@@ -370,15 +373,13 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         "chunk_size": mamba.chunk_size,
         "use_conv_bias": mamba.conv_bias,
         "use_bias": mamba.bias,
-        "time_step_min": mamba.dt_limit[0],  # transformers' lower clamp of dt
+        # time_step_min is the clamp of transformers <= 5.24 and time_step_limit that of 5.25:
+        # the same value, so both compute our function (our init range dt_min is not kept).
+        "time_step_min": mamba.dt_limit[0],
         "time_step_max": mamba.dt_max,
         "time_step_floor": mamba.dt_init_floor,
+        "time_step_limit": [mamba.dt_limit[0], math.inf],
         "layer_norm_epsilon": config.norm_eps,
-        "initializer_range": config.init_std,
-        # Our models carry no token ids; the tokenizer's files do.
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
     }
     if moe:
         hf.update(
@@ -400,32 +401,11 @@ def weights_to_hf(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[
     """A transformers Nemotron-H state dict for our ``state`` (``backbone.*`` names, one tensor
     per expert projection, a zero correction bias where our router has none)."""
     check_expressible(config)
-    state = dict(state)
-    out = {
-        "backbone.embeddings.weight": take(state, "embedding.weight"),
-        "backbone.norm_f.weight": take(state, "final_norm.weight"),
-    }
-    head = state.pop("lm_head.weight", None)
-    out["lm_head.weight"] = out["backbone.embeddings.weight"] if head is None else head
-    for i, name in enumerate(config.layers):
-        theirs, ours = f"backbone.layers.{i}.", f"sublayers.{i}."
-        out[theirs + "norm.weight"] = take(state, ours + "norm.weight")
-        mixer = theirs + "mixer."
-        if name == "mlp":
-            move(state, out, ours + "block.ffn.", mixer)
-        elif name != "moe":
-            move(state, out, ours + "block.", mixer)
-        else:
-            router = take(state, ours + "block.router.weight")
-            out[mixer + "gate.weight"] = router
-            bias = state.pop(ours + "block.score_bias", None)
-            zeros = torch.zeros(router.shape[0], dtype=torch.float32)
-            out[mixer + "gate.e_score_correction_bias"] = zeros if bias is None else bias
-            move(state, out, ours + "block.shared.", mixer + "shared_experts.")
-            experts = {p: take(state, f"{ours}block.experts.{p}") for p in ("up_proj", "down_proj")}
-            out.update(unstacked_experts(experts, mixer + "experts."))
-    if state:
-        raise ValueError(
-            f"{MODEL_TYPE}: weights: tensors with no Nemotron-H place {sorted(state)[:3]}"
-        )
+    out = name_map(config).to_hf(state)
+    # transformers never ties the head, and its router always has a correction bias
+    out.setdefault("lm_head.weight", out["backbone.embeddings.weight"])
+    for index, (name, options) in enumerate(zip(config.layers, config.layer_options, strict=True)):
+        if name == "moe" and not options.score_correction_bias:
+            bias = f"{LAYER.format(index)}mixer.gate.e_score_correction_bias"
+            out[bias] = torch.zeros(options.n_experts, dtype=torch.float32)
     return out

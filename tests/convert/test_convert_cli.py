@@ -13,6 +13,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from hybrid.checkpoint import load_model, load_pretrained  # noqa: E402
 from hybrid.cli import main  # noqa: E402
 from hybrid.tokenizer import load_tokenizer  # noqa: E402
+from tests.hf_models import llama_config  # noqa: E402
 
 
 @pytest.fixture
@@ -25,9 +26,9 @@ def hf_directory(tmp_path):
     )
     tokenizer.train_from_iterator([inspect.getsource(json)], trainer)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = llama_config(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_key_value_heads=2,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config).eval()
     directory = tmp_path / "llama"

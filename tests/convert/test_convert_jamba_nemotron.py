@@ -10,44 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 pytest.importorskip("transformers")
-from transformers import JambaConfig, JambaForCausalLM, NemotronHConfig, NemotronHForCausalLM
+import transformers
+from transformers import JambaForCausalLM, NemotronHForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from hybrid import HybridConfig, HybridLM
 from hybrid.convert import jamba, nemotron_h, to_hf
 from tests.convert.parity import check_parity, relative_error
+from tests.hf_models import CHUNK, jamba_config, nemotron_h_config, random_model
 from tests.hf_testing import needs_torch_ssm_path, randomize
-
-CHUNK = 8  # Nemotron-H's Mamba-2 chunk; the parity lengths 13 and 21 cross it
-
 
 # ---------------------------------------------------------------------------------------- Jamba
 
 
 def jamba_model(seed: int = 0, **overrides) -> JambaForCausalLM:
-    values = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        expert_layer_period=2,
-        expert_layer_offset=0,
-        num_experts=4,
-        num_experts_per_tok=2,
-        rms_norm_eps=1e-3,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_dt_rank=6,
-    )
-    torch.manual_seed(seed)
-    return randomize(JambaForCausalLM(JambaConfig(**{**values, **overrides})), seed)
+    return random_model(JambaForCausalLM, jamba_config(**overrides), seed)
 
 
 JAMBA_CASES = {
@@ -174,35 +154,7 @@ def test_jamba_inexpressible(change, option):
 
 
 def nemotron_model(seed: int = 0, **overrides) -> NemotronHForCausalLM:
-    values = dict(
-        vocab_size=64,
-        hidden_size=32,
-        layers_block_type=["linear_attention", "mlp", "full_attention", "moe", "linear_attention"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,  # != hidden_size / heads
-        intermediate_size=48,
-        mlp_hidden_act="relu2",
-        ssm_state_size=16,
-        mamba_num_heads=6,  # inner width 48 != expand * hidden_size
-        mamba_head_dim=8,
-        n_groups=2,
-        conv_kernel=4,
-        chunk_size=CHUNK,
-        time_step_min=0.05,  # also the lower clamp of dt
-        layer_norm_epsilon=1e-3,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=40,
-        num_experts_per_tok=2,
-        routed_scaling_factor=2.5,
-        n_group=4,
-        topk_group=2,
-        norm_topk_prob=True,
-    )
-    torch.manual_seed(seed)
-    return randomize(NemotronHForCausalLM(NemotronHConfig(**{**values, **overrides})), seed)
+    return random_model(NemotronHForCausalLM, nemotron_h_config(**overrides), seed)
 
 
 NEMOTRON_CASES = {
@@ -230,6 +182,20 @@ NEMOTRON_CASES = {
 @pytest.mark.parametrize("case", list(NEMOTRON_CASES))
 def test_nemotron_h_parity(case, tmp_path):
     check_parity(nemotron_model(**NEMOTRON_CASES[case]), tmp_path)
+
+
+@needs_torch_ssm_path
+@pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.25"),
+    reason="transformers before 5.25 clamps dt at time_step_min, not at time_step_limit",
+)
+def test_nemotron_h_dt_limit_is_time_step_limit(tmp_path):
+    """As in released checkpoints: time_step_limit (0, inf) below time_step_min (the dt_bias
+    initialisation range only), so dt is not clamped at time_step_min."""
+    model = nemotron_model(time_step_limit=(0.0, math.inf))
+    config = nemotron_h.config_from_hf(model.config.to_dict())
+    assert config.layer_options[0].dt_limit == (0.0, math.inf)
+    check_parity(model, tmp_path)
 
 
 def test_nemotron_h_no_mamba_parity(tmp_path):

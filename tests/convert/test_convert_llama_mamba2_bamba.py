@@ -16,32 +16,17 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import (
-    BambaConfig,
-    BambaForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Mamba2Config,
-    Mamba2ForCausalLM,
-)
+from transformers import BambaConfig, BambaForCausalLM, LlamaForCausalLM, Mamba2ForCausalLM
 
 from hybrid import HybridConfig, HybridLM
 from hybrid.convert import converter, from_hf, to_hf
 from hybrid.convert import llama as llama_converter
 from tests.convert.parity import check_parity, relative_error
-from tests.hf_testing import needs_torch_ssm_path, randomize
+from tests.hf_models import bamba_config, llama_config, mamba2_config, random_model
+from tests.hf_testing import needs_torch_ssm_path
 
 # ---------------------------------------------------------------------------------------- Llama
 
-LLAMA_BASE = dict(
-    vocab_size=64,
-    hidden_size=48,
-    intermediate_size=80,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    rms_norm_eps=1e-3,
-    rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-)
 LLAMA_CASES = {
     "gqa-head_dim-untied": dict(num_key_value_heads=2, head_dim=16),
     "mha-bias-tied": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
@@ -53,13 +38,12 @@ LLAMA_CASES = {
 
 @pytest.mark.parametrize("case", list(LLAMA_CASES))
 def test_llama_parity(case, tmp_path):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_BASE, **LLAMA_CASES[case]}))
-    check_parity(randomize(model, seed=1), tmp_path)
+    model = random_model(LlamaForCausalLM, llama_config(**LLAMA_CASES[case]), seed=1)
+    check_parity(model, tmp_path)
 
 
 def test_llama_layout(tmp_path):
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA_BASE, num_key_value_heads=2, head_dim=16))
+    model = LlamaForCausalLM(llama_config(num_key_value_heads=2, head_dim=16))
     model.save_pretrained(tmp_path)
     ours = from_hf(tmp_path)
     assert ours.config.pattern_string == "*-*-"
@@ -70,19 +54,9 @@ def test_llama_layout(tmp_path):
 
 # --------------------------------------------------------------------------------------- Mamba2
 
-MAMBA2_BASE = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    state_size=16,
-    conv_kernel=4,
-    chunk_size=8,
-    layer_norm_epsilon=1e-3,
-)
 MAMBA2_CASES = {
-    "groups2-untied": dict(num_heads=8, head_dim=8, expand=2, n_groups=2),
+    "groups2-untied": {},
     "groups4-bias-noconvbias-tied": dict(
-        num_heads=8,
         head_dim=4,
         expand=1,
         n_groups=4,
@@ -96,19 +70,16 @@ MAMBA2_CASES = {
 @needs_torch_ssm_path
 @pytest.mark.parametrize("case", list(MAMBA2_CASES))
 def test_mamba2_parity(case, tmp_path):
-    torch.manual_seed(0)
-    model = Mamba2ForCausalLM(Mamba2Config(**{**MAMBA2_BASE, **MAMBA2_CASES[case]}))
-    check_parity(randomize(model, seed=2), tmp_path)
+    model = random_model(Mamba2ForCausalLM, mamba2_config(**MAMBA2_CASES[case]), seed=2)
+    check_parity(model, tmp_path)
 
 
 @needs_torch_ssm_path
 def test_mamba2_time_step_limit(tmp_path):
     """A binding time_step_limit, through the forward and back (transformers' own one-token
     decode step ignores the limit, so only the forward is compared)."""
-    torch.manual_seed(0)
-    config = Mamba2Config(**MAMBA2_BASE, **MAMBA2_CASES["groups2-untied"],
-                          time_step_limit=(0.05, 0.2))  # fmt: skip
-    model = randomize(Mamba2ForCausalLM(config), seed=3)
+    config = mamba2_config(time_step_limit=(0.05, 0.2))
+    model = random_model(Mamba2ForCausalLM, config, seed=3)
     model.save_pretrained(tmp_path / "hf")
     ours = from_hf(tmp_path / "hf")
     assert ours.config.layer_options[0].dt_limit == (0.05, 0.2)
@@ -122,21 +93,6 @@ def test_mamba2_time_step_limit(tmp_path):
 
 # ---------------------------------------------------------------------------------------- Bamba
 
-BAMBA_BASE = dict(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
-    rms_norm_eps=1e-3,
-    mamba_n_heads=16,
-    mamba_n_groups=2,
-    mamba_d_state=16,
-    mamba_d_conv=4,
-    mamba_expand=2,
-    mamba_chunk_size=8,
-)
 BAMBA_CASES = {
     "attn1-of-3-untied": dict(num_hidden_layers=3, attn_layer_indices=[1]),
     "attn0,3-of-4-bias-rotary0.25-tied": dict(
@@ -160,9 +116,8 @@ BAMBA_CASES = {
 @needs_torch_ssm_path
 @pytest.mark.parametrize("case", list(BAMBA_CASES))
 def test_bamba_parity(case, tmp_path):
-    torch.manual_seed(0)
-    model = BambaForCausalLM(BambaConfig(**{**BAMBA_BASE, **BAMBA_CASES[case]}))
-    check_parity(randomize(model, seed=4), tmp_path)
+    model = random_model(BambaForCausalLM, bamba_config(**BAMBA_CASES[case]), seed=4)
+    check_parity(model, tmp_path)
 
 
 @needs_torch_ssm_path
@@ -170,9 +125,8 @@ def test_bamba_without_attention(tmp_path):
     """transformers 5.23 runs a Bamba without attention layers only with use_cache=False
     (its cache then has no attention layer to ask for a length), so only the forward is
     compared, before and after ``to_hf``."""
-    torch.manual_seed(0)
-    config = BambaConfig(**BAMBA_BASE, num_hidden_layers=2, attn_layer_indices=None)
-    model = randomize(BambaForCausalLM(config), seed=5)
+    config = bamba_config(attn_layer_indices=None)
+    model = random_model(BambaForCausalLM, config, seed=5)
     model.save_pretrained(tmp_path / "hf")
     ours = from_hf(tmp_path / "hf")
     assert ours.config.pattern_string == "M-M-"
@@ -186,7 +140,7 @@ def test_bamba_without_attention(tmp_path):
 
 
 def test_bamba_layout(tmp_path):
-    config = BambaConfig(**{**BAMBA_BASE, **BAMBA_CASES["attn1-of-3-untied"]})
+    config = bamba_config(**BAMBA_CASES["attn1-of-3-untied"])
     BambaForCausalLM(config).save_pretrained(tmp_path)
     ours = from_hf(tmp_path)
     assert ours.config.pattern_string == "M-*-M-"
@@ -210,9 +164,9 @@ def test_unsupported_model_type(tmp_path):
         from_hf(tmp_path)
 
 
-LLAMA_DICT = LlamaConfig(**LLAMA_BASE).to_dict()
-MAMBA2_DICT = Mamba2Config(**MAMBA2_BASE, **MAMBA2_CASES["groups2-untied"]).to_dict()
-BAMBA_DICT = BambaConfig(**BAMBA_BASE, num_hidden_layers=2).to_dict()
+LLAMA_DICT = llama_config().to_dict()
+MAMBA2_DICT = mamba2_config().to_dict()
+BAMBA_DICT = bamba_config().to_dict()
 YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5000.0}
 
 

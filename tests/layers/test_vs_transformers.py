@@ -19,22 +19,24 @@ import torch
 pytest.importorskip("transformers")
 
 from transformers.models.bamba import modeling_bamba
-from transformers.models.bamba.configuration_bamba import BambaConfig
 from transformers.models.jamba import modeling_jamba
-from transformers.models.jamba.configuration_jamba import JambaConfig
 from transformers.models.llama import modeling_llama
-from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.mamba2 import modeling_mamba2
-from transformers.models.mamba2.configuration_mamba2 import Mamba2Config
 from transformers.models.nemotron_h import modeling_nemotron_h
-from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 
 from hybrid import HybridConfig, HybridLM
 from layers.registry import get_block
+from tests.hf_models import (
+    CHUNK,
+    bamba_config,
+    jamba_config,
+    llama_config,
+    mamba2_config,
+    nemotron_h_config,
+)
 from tests.hf_testing import needs_torch_ssm_path, randomize
 
 LENGTHS = (13, 21)  # odd; 21 crosses the chunk size 8 twice and leaves a partial chunk
-CHUNK = 8
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32; observed differences are below 1.1e-6
 TOL64 = {"rtol": 1e-12, "atol": 1e-12}  # float64, where transformers does not upcast to float32
 
@@ -90,22 +92,8 @@ def proj_mapping(names, prefix_ours="", prefix_theirs="", bias=False) -> dict[st
 
 # --------------------------------------------------------------------------------------- Llama
 
-
-def llama_config(**overrides) -> LlamaConfig:
-    values = dict(
-        vocab_size=16,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,  # != hidden_size / heads
-        rms_norm_eps=1e-3,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-    )
-    return LlamaConfig(**{**values, **overrides})
-
-
+# GQA and a head_dim of its own (!= hidden_size / heads)
+LLAMA = dict(num_key_value_heads=2, head_dim=16)
 LLAMA_ATTENTION = dict(n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=5000.0)
 
 
@@ -113,7 +101,7 @@ LLAMA_ATTENTION = dict(n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=5000.0)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("length", LENGTHS)
 def test_llama_attention(length, bias, implementation):
-    config = llama_config(attention_bias=bias)
+    config = llama_config(**LLAMA, attention_bias=bias)
     theirs = modeling_llama.LlamaAttention(config, layer_idx=0).eval()
     randomize(theirs, seed=1)
     ours = our_block("attention", 48, **LLAMA_ATTENTION, qkv_bias=bias, out_bias=bias)
@@ -127,7 +115,7 @@ def test_llama_attention(length, bias, implementation):
 
 
 def test_llama_mlp():
-    config = llama_config()
+    config = llama_config(**LLAMA)
     theirs = modeling_llama.LlamaMLP(config).eval()
     randomize(theirs, seed=2)
     ours = our_block("mlp", 48, hidden_size=80, activation="swiglu")
@@ -140,7 +128,7 @@ def test_llama_mlp():
 @pytest.mark.parametrize("length", LENGTHS)
 def test_llama_decoder_layer(length):
     """A whole LlamaDecoderLayer is our two pre-norm residual sublayers ``*-``."""
-    config = llama_config()
+    config = llama_config(**LLAMA)
     theirs = modeling_llama.LlamaDecoderLayer(config, layer_idx=0).eval()
     randomize(theirs, seed=3)
     model = HybridLM(
@@ -189,21 +177,8 @@ def mamba2_mapping(conv_bias: bool, bias: bool, prefix_ours="", prefix_theirs=""
 )
 @pytest.mark.parametrize("length", LENGTHS)
 def test_mamba2_mixer(length, ngroups, conv_bias, bias, dt_limit):
-    config = Mamba2Config(
-        vocab_size=16,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_heads=8,
-        head_dim=8,
-        expand=2,
-        state_size=16,
-        n_groups=ngroups,
-        conv_kernel=4,
-        chunk_size=CHUNK,
-        use_conv_bias=conv_bias,
-        use_bias=bias,
-        layer_norm_epsilon=1e-3,
-        time_step_limit=dt_limit,
+    config = mamba2_config(
+        n_groups=ngroups, use_conv_bias=conv_bias, use_bias=bias, time_step_limit=dt_limit
     )
     theirs = modeling_mamba2.Mamba2Mixer(config, layer_idx=0).eval()
     randomize(theirs, seed=4)
@@ -227,27 +202,6 @@ def test_mamba2_mixer(length, ngroups, conv_bias, bias, dt_limit):
 
 
 # ---------------------------------------------------------------------------------------- Bamba
-
-
-def bamba_config() -> BambaConfig:
-    return BambaConfig(
-        vocab_size=16,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        attn_layer_indices=[1],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
-        rms_norm_eps=1e-3,
-        mamba_n_heads=16,
-        mamba_n_groups=2,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_chunk_size=CHUNK,
-        time_step_limit=(0.0, math.inf),
-    )
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -294,30 +248,6 @@ def test_bamba_mixer(length):
 # ---------------------------------------------------------------------------------------- Jamba
 
 
-def jamba_config(conv_bias=True, proj_bias=False) -> JambaConfig:
-    return JambaConfig(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        expert_layer_period=2,
-        expert_layer_offset=0,
-        num_experts=4,
-        num_experts_per_tok=2,
-        rms_norm_eps=1e-3,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_dt_rank=6,
-        mamba_conv_bias=conv_bias,
-        mamba_proj_bias=proj_bias,
-    )
-
-
 JAMBA_MAMBA1 = dict(d_state=8, expand=2, dt_rank=6, d_conv=4, inner_norms=True, norm_eps=1e-3)
 
 
@@ -337,7 +267,7 @@ def jamba_mamba_mapping(conv_bias, proj_bias, prefix_ours="", prefix_theirs="") 
 @pytest.mark.parametrize("length", LENGTHS)
 def test_jamba_mamba_mixer(length, conv_bias, proj_bias):
     """JambaMambaMixer's sequential CPU scan, with its RMSNorms on dt, B and C."""
-    config = jamba_config(conv_bias, proj_bias)
+    config = jamba_config(mamba_conv_bias=conv_bias, mamba_proj_bias=proj_bias)
     theirs = modeling_jamba.JambaMambaMixer(config, layer_idx=0).eval()
     randomize(theirs, seed=7)
     ours = our_block("mamba1", 32, **JAMBA_MAMBA1, conv_bias=conv_bias, bias=proj_bias)
@@ -424,34 +354,11 @@ def test_jamba_mamba_decoder_layer(length):
 # ------------------------------------------------------------------------------------ NemotronH
 
 
-def nemotron_h_config(norm_topk_prob=True) -> NemotronHConfig:
-    return NemotronHConfig(
-        vocab_size=16,
-        hidden_size=32,
+def nemotron_config(norm_topk_prob: bool = True):
+    """M * - E: the layer indices the tests build each block at; biases in the Mamba-2 mixer."""
+    return nemotron_h_config(
         layers_block_type=["linear_attention", "full_attention", "mlp", "moe"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,  # != hidden_size / heads
-        intermediate_size=48,
-        mlp_hidden_act="relu2",
-        ssm_state_size=16,
-        mamba_num_heads=6,  # inner width 48 != expand * hidden_size
-        mamba_head_dim=8,
-        n_groups=2,
-        conv_kernel=4,
-        chunk_size=CHUNK,
-        time_step_min=0.05,  # also the lower clamp of dt
         use_bias=True,
-        layer_norm_epsilon=1e-3,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=40,
-        moe_latent_size=None,
-        num_experts_per_tok=2,
-        routed_scaling_factor=2.5,
-        n_group=4,
-        topk_group=2,
         norm_topk_prob=norm_topk_prob,
     )
 
@@ -472,7 +379,7 @@ NEMOTRON_MAMBA2 = dict(
 @needs_torch_ssm_path
 @pytest.mark.parametrize("length", LENGTHS)
 def test_nemotron_h_mamba2_mixer(length):
-    config = nemotron_h_config()
+    config = nemotron_config()
     theirs = modeling_nemotron_h.NemotronHMamba2Mixer(config, layer_idx=0).eval()
     assert theirs.time_step_limit == (0.05, math.inf)
     randomize(theirs, seed=11)
@@ -486,7 +393,7 @@ def test_nemotron_h_mamba2_mixer(length):
 @pytest.mark.parametrize("length", LENGTHS)
 def test_nemotron_h_mamba_block(length):
     """A whole NemotronHBlock (norm, mixer, residual) is our pre-norm sublayer ``M``."""
-    config = nemotron_h_config()
+    config = nemotron_config()
     theirs = modeling_nemotron_h.NemotronHBlock(config, layer_idx=0).eval()
     randomize(theirs, seed=12)
     model = HybridLM(
@@ -503,7 +410,7 @@ def test_nemotron_h_mamba_block(length):
 @pytest.mark.parametrize("length", LENGTHS)
 def test_nemotron_h_attention(length, implementation):
     """Nemotron-H attention has no positional encoding and a head_dim of its own."""
-    config = nemotron_h_config()
+    config = nemotron_config()
     theirs = modeling_nemotron_h.NemotronHAttention(config, layer_idx=1).eval()
     randomize(theirs, seed=13)
     ours = our_block("attention", 32, n_heads=4, n_kv_heads=2, head_dim=12, rope=False)
@@ -514,7 +421,7 @@ def test_nemotron_h_attention(length, implementation):
 
 
 def test_nemotron_h_mlp():
-    config = nemotron_h_config()
+    config = nemotron_config()
     theirs = modeling_nemotron_h.NemotronHMLP(config, layer_idx=2).eval()
     randomize(theirs, seed=14)
     ours = our_block("mlp", 32, hidden_size=48, activation="relu2")
@@ -528,7 +435,7 @@ def test_nemotron_h_mlp():
 @pytest.mark.parametrize("length", LENGTHS)
 def test_nemotron_h_moe(length, norm_topk_prob):
     """Sigmoid router with correction bias and group-limited choice, shared relu2 expert."""
-    config = nemotron_h_config(norm_topk_prob)
+    config = nemotron_config(norm_topk_prob)
     theirs = modeling_nemotron_h.NemotronHMoE(config, layer_idx=3).eval()
     randomize(theirs, seed=15)
     ours = our_block(

@@ -1,0 +1,187 @@
+"""Block families that several transformers model types share, as their checkpoints hold them.
+
+Tensor-name tables (:mod:`hybrid.convert.mapping`) inside one block, our name -> theirs, for
+the model converters to place in their layers with :func:`~hybrid.convert.mapping.nest`:
+attention, the MLP, the Mamba-2 mixer (mamba2, bamba, nemotron_h), the Mamba-1 mixer (jamba)
+and stacked experts (jamba, nemotron_h). Tables name every tensor a block can have; those a
+config does not build (biases, a gate) are skipped. And the config keys of the families that
+are spelled alike across types: Llama's attention and gated MLP (llama, bamba), the Mamba-2
+mixer's sizes and dt limit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hybrid.config import HybridConfig
+from hybrid.convert.common import unsupported
+from hybrid.convert.hf_config import require_value
+from hybrid.convert.mapping import PerExpert, Table
+
+
+def same_names(*names: str) -> Table:
+    """A table of tensors named alike on both sides."""
+    return {name: name for name in names}
+
+
+# q, k, v, o projections, with their biases where the config has them
+ATTENTION = same_names(
+    *(f"{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+      for kind in ("weight", "bias"))
+)  # fmt: skip
+
+# a gated MLP (Llama's) or an ungated one (Nemotron-H's: no gate_proj)
+MLP = same_names(
+    *(f"{proj}.{kind}" for proj in ("gate_proj", "up_proj", "down_proj")
+      for kind in ("weight", "bias"))
+)  # fmt: skip
+
+# transformers' Mamba2Mixer, BambaMixer and NemotronHMamba2Mixer name their tensors as we do
+MAMBA2_MIXER = same_names(
+    "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D",
+    "norm.weight", "out_proj.weight", "out_proj.bias",
+)  # fmt: skip
+
+# transformers' JambaMambaMixer, with its RMSNorms on dt, B and C
+MAMBA1_MIXER = same_names(
+    "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight",
+    "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias",
+) | {
+    "dt_norm.weight": "dt_layernorm.weight",
+    "b_norm.weight": "b_layernorm.weight",
+    "c_norm.weight": "c_layernorm.weight",
+}  # fmt: skip
+
+# our stacked (n_experts, out, in) expert weights; transformers writes one tensor per expert
+EXPERTS: Table = {
+    f"experts.{proj}": PerExpert(f"experts.{{expert}}.{proj}.weight", packed=f"experts.{proj}")
+    for proj in ("gate_proj", "up_proj", "down_proj")
+}
+
+# the attention Jamba and Nemotron-H build: no positional encoding, no biases, whole prefix
+NOPE_ATTENTION = {"rope": False, "window": None, "qkv_bias": False, "out_bias": False}
+
+# ------------------------------------------------------------- Llama's attention and gated MLP
+
+# transformers hidden_act of a gated MLP -> our mlp activation, and back
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
+HF_GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
+
+# Written as max_position_embeddings: plain RoPE works at any length; this only bounds what
+# transformers pre-allocates for static caches.
+MAX_POSITIONS = 131072
+
+
+def mlp_from_hf(hf: dict[str, Any], model_type: str, intermediate_default: int) -> dict[str, Any]:
+    """Our ``mlp`` options from a Llama-style gated MLP config."""
+    act = hf.get("hidden_act", "silu")
+    if act not in GATED_ACTIVATIONS:
+        raise unsupported(model_type, "hidden_act", act, f"one of {', '.join(GATED_ACTIVATIONS)}")
+    return {
+        "hidden_size": hf.get("intermediate_size", intermediate_default),
+        "activation": GATED_ACTIVATIONS[act],
+        "bias": bool(hf.get("mlp_bias", False)),
+    }
+
+
+def mlp_to_hf(options: Any, model_type: str) -> dict[str, Any]:
+    """The Llama-style MLP keys of resolved mlp options."""
+    if options.activation not in HF_GATED_ACTIVATIONS:
+        raise ValueError(
+            f"{model_type}: cannot express mlp.activation={options.activation!r} "
+            f"({model_type} has a gated MLP: {', '.join(HF_GATED_ACTIVATIONS)})"
+        )
+    return {
+        "intermediate_size": options.hidden_size,
+        "hidden_act": HF_GATED_ACTIVATIONS[options.activation],
+        "mlp_bias": options.bias,
+    }
+
+
+def attention_from_hf(
+    hf: dict[str, Any], *, heads_default: int, kv_default: int | None, d_model: int
+) -> dict[str, Any]:
+    """Our ``attention`` options (without RoPE) from a Llama-style attention config."""
+    n_heads = hf.get("num_attention_heads", heads_default)
+    n_kv_heads = hf.get("num_key_value_heads", kv_default) or n_heads
+    bias = bool(hf.get("attention_bias", False))
+    return {
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "head_dim": hf.get("head_dim") or d_model // n_heads,
+        "qkv_bias": bias,
+        "out_bias": bias,
+    }
+
+
+def attention_to_hf(options: Any, model_type: str) -> dict[str, Any]:
+    """The Llama-style attention keys of resolved attention options (no RoPE keys)."""
+    require_value(model_type, "attention.rope", options.rope, True, "RoPE on every attention")
+    require_value(model_type, "attention.window", options.window, None, "full causal attention")
+    require_value(
+        model_type, "attention.out_bias", options.out_bias, options.qkv_bias,
+        "one attention_bias for q, k, v and o",
+    )  # fmt: skip
+    return {
+        "num_attention_heads": options.n_heads,
+        "num_key_value_heads": options.n_kv_heads,
+        "head_dim": options.head_dim,
+        "attention_bias": options.qkv_bias,
+    }
+
+
+# ------------------------------------------------------------------------- the Mamba-2 mixer
+
+
+def dt_limit_from_hf(value: Any) -> tuple[float, float]:
+    """``time_step_limit`` as our ``dt_limit`` (None: no clamp)."""
+    if value is None:
+        return (0.0, math.inf)
+    low, high = value
+    return (float(low), float(high))
+
+
+def mamba2_from_hf(
+    model_type: str,
+    d_model: int,
+    *,
+    n_heads: int,
+    head_dim: int,
+    expand: Any,
+    hidden_act: str,
+    **options: Any,
+) -> dict[str, Any]:
+    """Our ``mamba2`` options of a transformers Mamba-2 mixer whose width is ``expand *
+    d_model`` (Mamba2, Bamba).
+
+    ``options`` are our option names already mapped (d_state, ngroups, ...).
+    """
+    if hidden_act != "silu":
+        raise unsupported(model_type, "hidden_act", hidden_act, "silu, the Mamba-2 conv activation")
+    if n_heads * head_dim != expand * d_model:
+        raise ValueError(
+            f"{model_type}: heads {n_heads} * head_dim {head_dim} must equal expand {expand} * "
+            f"hidden_size {d_model}"
+        )
+    return {"headdim": head_dim, "expand": expand, **options}
+
+
+def mamba2_sizes_to_hf(options: Any, config: HybridConfig, model_type: str) -> dict[str, Any]:
+    """Checked sizes of resolved ``mamba2`` options: ``{"expand": ..., "n_heads": ...}``.
+
+    Raises:
+        ValueError: the inner width is not a multiple of d_model (transformers' ``expand`` is an
+            integer) or the gated norm's epsilon differs from the other norms'.
+    """
+    d_inner = options.d_inner(config.d_model)
+    if d_inner % config.d_model:
+        raise ValueError(
+            f"{model_type}: cannot express a Mamba-2 inner width {d_inner} that is not a "
+            f"multiple of d_model={config.d_model} ({model_type} has an integer expand)"
+        )
+    require_value(
+        model_type, "mamba2.norm_eps", options.norm_eps, config.norm_eps,
+        "one epsilon for all norms, the model's norm_eps",
+    )  # fmt: skip
+    return {"expand": d_inner // config.d_model, "n_heads": d_inner // options.headdim}

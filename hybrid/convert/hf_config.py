@@ -1,0 +1,146 @@
+"""What the converters' config sides share: the keys every transformers config has, RoPE,
+quantization, one set of options per block family, and the errors for what a transformers
+model type cannot hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybrid.config import HybridConfig
+from hybrid.convert.common import unsupported
+
+
+def get(hf: dict[str, Any], key: str, defaults: dict[str, Any]) -> Any:
+    """``hf[key]``, or transformers' default ``defaults[key]`` when the key is absent or null."""
+    value = hf.get(key)
+    return defaults[key] if value is None else value
+
+
+def common_from_hf(hf: dict[str, Any], vocab_default: int, hidden_default: int) -> dict[str, Any]:
+    """HybridConfig fields every converter reads the same way."""
+    values = {
+        "vocab_size": hf.get("vocab_size", vocab_default),
+        "d_model": hf.get("hidden_size", hidden_default),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+    if hf.get("initializer_range"):
+        values["init_std"] = float(hf["initializer_range"])
+    return values
+
+
+def common_to_hf(config: HybridConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    """transformers config keys every converter writes the same way."""
+    return {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std,
+        # Our models carry no token ids; the tokenizer's files do.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+
+
+def reject_quantized(hf: dict[str, Any], model_type: str) -> None:
+    """Quantized checkpoints store other tensors than the float weights we read."""
+    if hf.get("quantization_config"):
+        raise unsupported(
+            model_type,
+            "quantization_config",
+            hf["quantization_config"].get("quant_method", "?")
+            if isinstance(hf["quantization_config"], dict)
+            else hf["quantization_config"],
+            "only unquantized float checkpoints are read",
+        )
+
+
+def rope_from_hf(
+    hf: dict[str, Any], model_type: str, *, default_fraction: float | None
+) -> tuple[float, float | None]:
+    """``(rope_theta, partial_rotary_factor)`` of a config; only plain RoPE is expressible.
+
+    Reads transformers 5's ``rope_parameters`` and the older ``rope_theta`` / ``rope_scaling``
+    keys. ``default_fraction`` is the model's own default for the partial rotary factor, or
+    None where the model ignores it (Llama's default RoPE rotates the whole head).
+    """
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise unsupported(model_type, "rope_parameters", params, "a mapping")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise unsupported(
+            model_type, "rope_parameters['rope_type']", rope_type, "only 'default' RoPE"
+        )
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+        if kind != "default":
+            raise unsupported(model_type, "rope_scaling", scaling, "only plain RoPE, no scaling")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if default_fraction is None:
+        return theta, None
+    return theta, float(params.get("partial_rotary_factor", default_fraction))
+
+
+def family_options(config: HybridConfig, family: str, model_type: str) -> Any:
+    """The one set of resolved options every ``family`` sublayer uses (None without any).
+
+    transformers configs hold one set per block family, so per-layer differences cannot be
+    written.
+    """
+    options = [o for name, o in zip(config.layers, config.layer_options, strict=True)
+               if name == family]  # fmt: skip
+    if not options:
+        return None
+    for index, option in enumerate(options[1:], 1):
+        if option != options[0]:
+            raise ValueError(
+                f"{model_type}: the {family} sublayers have different options ({family} "
+                f"#{index} is {option}, #0 is {options[0]}); a {model_type} config holds one "
+                "set per block family (per-layer overrides cannot be expressed)"
+            )
+    return options[0]
+
+
+def written_options(config: HybridConfig, family: str, model_type: str) -> Any:
+    """:func:`family_options`, or for a family no sublayer uses its own options resolved (a
+    transformers config that has keys for the family must still hold valid values)."""
+    options = family_options(config, family, model_type)
+    return getattr(config, family).resolve(config.d_model, family) if options is None else options
+
+
+def require_layers(config: HybridConfig, expected: list[str], model_type: str, layout: str) -> None:
+    """Fail unless ``config.layers`` is exactly ``expected`` (``layout`` describes it)."""
+    if config.layers != expected:
+        raise ValueError(
+            f"{model_type}: cannot express pattern {config.pattern_string!r}; "
+            f"{model_type} needs {layout}"
+        )
+
+
+def require_value(model_type: str, what: str, value: Any, allowed: Any, why: str) -> None:
+    """Fail (to_hf direction) unless our option ``what`` equals ``allowed``."""
+    if value != allowed:
+        raise ValueError(
+            f"{model_type}: cannot express {what}={value!r} ({model_type} has {why}; "
+            f"needs {allowed!r})"
+        )
+
+
+def cannot_express(model_type: str, option: str, value: Any, why: str) -> ValueError:
+    """The one-line error for one of our options that the transformers model cannot hold."""
+    return ValueError(f"{model_type}: {option}={value!r} cannot be expressed ({why})")
+
+
+def require_options(
+    model_type: str, family: str, options: Any, allowed: dict[str, Any], why: str
+) -> None:
+    """Raise :func:`cannot_express` for the first field of ``options`` not equal to ``allowed``."""
+    for name, value in allowed.items():
+        if getattr(options, name) != value:
+            raise cannot_express(
+                model_type, f"{family}.{name}", getattr(options, name), f"{why}: needs {value!r}"
+            )
