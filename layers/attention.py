@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from layers.base import (
-    Block,
-    CacheEntry,
-    TokenContext,
-    dtype_bytes,
-    require,
-    require_positive_int,
-)
+from layers.base import Block, CacheEntry, TokenContext, dtype_bytes
+from layers.options import require, require_positive_int
 from layers.registry import register_block
 from layers.rope import RotaryEmbedding
 

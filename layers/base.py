@@ -1,4 +1,4 @@
-"""The protocol every registered block follows, and helpers for block options.
+"""The protocol every registered block follows: its cache entries, token context and output.
 
 A block maps ``(batch, seqlen, d_model) -> (batch, seqlen, d_model)``. The model wraps it in a
 pre-norm residual sublayer, so a block never normalises its own input. A block that has extra
@@ -8,7 +8,6 @@ training signals (MoE auxiliary losses, routing statistics) returns a :class:`Bl
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -158,47 +157,5 @@ class Block(nn.Module):
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
-    """Size in bytes of one element of ``dtype``."""
+    """Bytes of one element of ``dtype`` (what :meth:`Block.inference_state_bytes` counts)."""
     return torch.empty((), dtype=dtype).element_size()
-
-
-def build_options(options_class: type, values: dict[str, Any] | Any, where: str) -> Any:
-    """Make an options dataclass from a mapping, naming ``where`` in errors.
-
-    ``values`` may already be an instance of ``options_class``. Unknown keys fail with the
-    closest valid key suggested.
-    """
-    if isinstance(values, options_class):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping of options, got {type(values).__name__}")
-    names = [f.name for f in dataclasses.fields(options_class)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"{where}.{key}: unknown option; {hint}valid: {', '.join(names)}")
-    return options_class(**values)
-
-
-def merge_options(options: Any, overrides: dict[str, Any], where: str) -> Any:
-    """A copy of ``options`` with ``overrides`` applied (unknown keys fail like build_options)."""
-    build_options(type(options), overrides, where)  # key check only
-    return dataclasses.replace(options, **overrides)
-
-
-def require(condition: bool, where: str, message: str) -> None:
-    """Raise a one-line ``ValueError("{where}: {message}")`` unless ``condition`` holds."""
-    if not condition:
-        raise ValueError(f"{where}: {message}")
-
-
-def require_positive_int(value: Any, where: str) -> None:
-    """Fail unless ``value`` is an int > 0 (bools rejected)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-    require(ok, where, f"must be a positive integer, got {value!r}")
-
-
-def require_choice(value: Any, choices: tuple[str, ...], where: str) -> None:
-    """Fail unless ``value`` is one of ``choices``, listing them."""
-    require(value in choices, where, f"must be one of {', '.join(choices)}; got {value!r}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from layers.base import Block, TokenContext, dtype_bytes, require, require_positive_int
+from layers.base import Block, TokenContext, dtype_bytes
 from layers.norm import RMSNorm, upcast
 from layers.ops import (
     causal_conv1d,
@@ -19,6 +19,7 @@ from layers.ops import (
     selective_scan,
     selective_scan_step,
 )
+from layers.options import require, require_positive_int
 from layers.registry import register_block
 from layers.ssm_init import SSMCache, init_dt_bias, mark_no_weight_decay
 

@@ -9,9 +9,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from layers.base import Block, TokenContext, dtype_bytes, require, require_positive_int
+from layers.base import Block, TokenContext, dtype_bytes
 from layers.norm import GatedRMSNorm, upcast
 from layers.ops import causal_conv1d, causal_conv1d_step, effective_dt, ssd_scan, ssd_step
+from layers.options import require, require_positive_int
 from layers.registry import register_block
 from layers.ssm_init import SSMCache, init_dt_bias, mark_no_weight_decay
 

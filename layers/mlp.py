@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.base import Block, require_choice, require_positive_int
+from layers.base import Block
 from layers.ops.kernels import needs_autograd
+from layers.options import require_choice, require_positive_int
 from layers.registry import register_block
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

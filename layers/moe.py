@@ -9,15 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.base import (
-    Block,
-    BlockOutput,
-    TokenContext,
-    require,
-    require_choice,
-    require_positive_int,
-)
+from layers.base import Block, BlockOutput, TokenContext
 from layers.mlp import ACTIVATIONS, GATED, FeedForward, activate, default_hidden_size
+from layers.options import require, require_choice, require_positive_int
 from layers.registry import register_block
 
 
