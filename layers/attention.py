@@ -361,5 +361,5 @@ class Attention(Block):
         bookkeeping = 8 + 1  # per slot: int64 absolute index, bool real-token flag
         return kept * (key_value + bookkeeping)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.o_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.o_proj.weight]

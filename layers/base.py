@@ -120,10 +120,15 @@ class Block(nn.Module):
     whose forward takes ``hidden`` alone still works without a cache. They may override:
 
     - :meth:`allocate_cache` — this block's cache entry (None: the block keeps no state);
-
     - :meth:`inference_state_bytes` — bytes of inference state one sequence needs at a given
       context length (KV for attention, conv + SSM state for SSM blocks, 0 for feed-forwards);
-    - :meth:`active_parameters` — parameters used per token (MoE: only top-k experts).
+    - :meth:`active_parameters` — parameters used per token (MoE: only top-k experts);
+    - :meth:`residual_weights` — the weights that write into the residual stream.
+
+    At model init every ``nn.Linear`` and ``nn.Embedding`` weight is drawn from Normal(0, std)
+    unless it is flagged ``_no_reinit``; a submodule that holds projection weights as plain
+    parameters (MoE experts) draws them itself in a ``reset_projections(std)`` method, which
+    the model calls on every module that has one. Everything else keeps the block's own init.
     """
 
     block_name: ClassVar[str] = ""
@@ -151,8 +156,11 @@ class Block(nn.Module):
         """Parameters that take part in processing one token."""
         return sum(p.numel() for p in self.parameters())
 
-    def residual_projections(self) -> list[nn.Linear]:
-        """Linear layers that write into the residual stream (scaled down at init)."""
+    def residual_weights(self) -> list[nn.Parameter]:
+        """Weights of the projections that write into the residual stream.
+
+        The model draws them with a smaller std at init (std / sqrt(number of sublayers)).
+        """
         return []
 
 

@@ -150,5 +150,5 @@ class Mamba1(Block):
         d_inner = options.expand * d_model
         return SSMCache.sequence_bytes(d_inner, options.d_conv, d_inner * options.d_state, dtype)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.out_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.out_proj.weight]

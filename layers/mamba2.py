@@ -177,5 +177,5 @@ class Mamba2(Block):
         conv_dim = d_inner + 2 * options.ngroups * options.d_state
         return SSMCache.sequence_bytes(conv_dim, options.d_conv, d_inner * options.d_state, dtype)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.out_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.out_proj.weight]

@@ -107,5 +107,5 @@ class MLP(Block):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ffn(hidden)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.ffn.down_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.ffn.down_proj.weight]
