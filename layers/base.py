@@ -77,6 +77,18 @@ class CacheEntry:
             for name, tensor in saved.tensors().items():
                 setattr(self, name, tensor.clone())
 
+    def fill_random(self, length: int, generator: torch.Generator) -> None:
+        """Look as if ``length`` real tokens had gone in, with random content (decode benchmarks).
+
+        This default suits state whose size does not grow with the tokens (conv and SSM
+        states): every floating-point tensor gets Normal(0, 0.1) noise drawn from ``generator``
+        (a CPU generator), whatever ``length``. Entries that keep per-token slots override it.
+        """
+        for tensor in self.tensors().values():
+            if tensor.is_floating_point():
+                noise = 0.1 * torch.randn(tensor.shape, generator=generator)
+                tensor.copy_(noise.to(device=tensor.device, dtype=tensor.dtype))
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors into this entry, checking names, shapes and dtypes."""
         own = self.tensors()
