@@ -232,3 +232,17 @@ def test_forward_backward_finite_at_65536_tokens(pattern):
     for name, param in block.named_parameters():
         assert torch.isfinite(param.grad).all(), name
     assert not math.isnan(out.float().std().item())
+
+
+@pytest.mark.parametrize("pattern", ["M", "S"])
+def test_ssm_cache_fill_random_fills_both_states(pattern):
+    config = HybridConfig(pattern, vocab_size=8, d_model=16, mamba2={"d_state": 8, "headdim": 8})
+    block = (Mamba2 if pattern == "M" else Mamba1)(16, config.layer_options[0], 0)
+    cache = block.allocate_cache(2, 32, torch.bfloat16, torch.device("cpu"))
+    before = {name: t.clone() for name, t in cache.tensors().items()}
+    cache.fill_random(20, torch.Generator().manual_seed(0))
+    for name, tensor in cache.tensors().items():
+        assert tensor.shape == before[name].shape and tensor.dtype == before[name].dtype
+        assert tensor.ne(0).float().mean() > 0.9, name
+    per_sequence = block.inference_state_bytes(16, block.options, 20, torch.bfloat16)
+    assert cache.nbytes == 2 * per_sequence
