@@ -12,7 +12,7 @@ from typing import Any
 
 import layers  # noqa: F401  (registers the built-in blocks)
 from hybrid.pattern import Pattern, parse_pattern, pattern_string
-from layers.base import build_options, merge_options, require, require_positive_int
+from layers.options import build_options, merge_options, require, require_positive_int
 from layers.registry import get_block
 
 BUILTIN_FAMILIES = ("attention", "mamba2", "mamba1", "mlp", "moe")

@@ -13,7 +13,6 @@ from hybrid.config import HybridConfig
 from hybrid.inference.cache import HybridCache, token_context
 from hybrid.inference.generation import GenerationMixin
 from layers.base import Block, BlockOutput, CacheEntry, TokenContext
-from layers.moe import Experts
 from layers.norm import RMSNorm
 from layers.registry import get_block
 
@@ -97,8 +96,11 @@ class HybridLM(GenerationMixin, nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) projections and embeddings; residual writers scaled down.
 
-        Block-specific parameters (SSM dynamics, convs, norms, time-step projections marked
-        ``_no_reinit``) keep the initialisation their block gave them.
+        Modules that keep projection weights as plain parameters draw them in their own
+        ``reset_projections(std)``; each block's ``residual_weights()`` then get
+        ``init_std / sqrt(n_sublayers)``. Block-specific parameters (SSM dynamics, convs, norms,
+        time-step projections marked ``_no_reinit``) keep the initialisation their block gave
+        them.
         """
         std = self.config.init_std
         for module in self.modules():
@@ -108,17 +110,12 @@ class HybridLM(GenerationMixin, nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, Experts):
-                for weight in (module.gate_proj, module.up_proj, module.down_proj):
-                    if weight is not None:
-                        nn.init.normal_(weight, std=std)
+            elif hasattr(module, "reset_projections"):
+                module.reset_projections(std)
         residual_std = std / math.sqrt(len(self.sublayers))
         for block in self.blocks:
-            for projection in block.residual_projections():
-                nn.init.normal_(projection.weight, std=residual_std)
-            experts = getattr(block, "experts", None)
-            if isinstance(experts, Experts):
-                nn.init.normal_(experts.down_proj, std=residual_std)
+            for weight in block.residual_weights():
+                nn.init.normal_(weight, std=residual_std)
 
     def check_token_ids(self, input_ids: torch.Tensor) -> None:
         """Fail clearly on ids outside ``[0, vocab_size)`` instead of reading garbage rows."""

@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from layers.base import (
-    Block,
-    CacheEntry,
-    TokenContext,
-    dtype_bytes,
-    require,
-    require_positive_int,
-)
+from layers.base import Block, CacheEntry, TokenContext, dtype_bytes
+from layers.options import require, require_positive_int
 from layers.registry import register_block
 from layers.rope import RotaryEmbedding
 
@@ -214,6 +208,19 @@ class KVCache(CacheEntry):
         # never seen. A ring overwrites old keys that a rollback must bring back.
         return None if self.window is None else self.copy()
 
+    def fill_random(self, length: int, generator: torch.Generator) -> None:
+        """Random keys and values in the slots of absolute indices ``0..length-1`` still kept
+        (slot ``t % window`` in a ring), with ``key_index`` and ``valid`` set there."""
+        capacity = self.keys.shape[2]
+        index = torch.arange(max(0, length - capacity), length, device=self.keys.device)
+        slots = index % capacity if self.window is not None else index
+        shape = (*self.keys.shape[:2], index.numel(), self.keys.shape[3])
+        for tensor in (self.keys, self.values):
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            tensor[:, :, slots] = noise.to(device=tensor.device, dtype=tensor.dtype)
+        self.key_index[:, slots] = index
+        self.valid[:, slots] = True
+
     def attend_static(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
     ) -> torch.Tensor:
@@ -367,5 +374,5 @@ class Attention(Block):
         bookkeeping = 8 + 1  # per slot: int64 absolute index, bool real-token flag
         return kept * (key_value + bookkeeping)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.o_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.o_proj.weight]

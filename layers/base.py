@@ -1,4 +1,4 @@
-"""The protocol every registered block follows, and helpers for block options.
+"""The protocol every registered block follows: its cache entries, token context and output.
 
 A block maps ``(batch, seqlen, d_model) -> (batch, seqlen, d_model)``. The model wraps it in a
 pre-norm residual sublayer, so a block never normalises its own input. A block that has extra
@@ -8,7 +8,6 @@ training signals (MoE auxiliary losses, routing statistics) returns a :class:`Bl
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,6 +77,18 @@ class CacheEntry:
             for name, tensor in saved.tensors().items():
                 setattr(self, name, tensor.clone())
 
+    def fill_random(self, length: int, generator: torch.Generator) -> None:
+        """Look as if ``length`` real tokens had gone in, with random content (decode benchmarks).
+
+        This default suits state whose size does not grow with the tokens (conv and SSM
+        states): every floating-point tensor gets Normal(0, 0.1) noise drawn from ``generator``
+        (a CPU generator), whatever ``length``. Entries that keep per-token slots override it.
+        """
+        for tensor in self.tensors().values():
+            if tensor.is_floating_point():
+                noise = 0.1 * torch.randn(tensor.shape, generator=generator)
+                tensor.copy_(noise.to(device=tensor.device, dtype=tensor.dtype))
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors into this entry, checking names, shapes and dtypes."""
         own = self.tensors()
@@ -121,10 +132,15 @@ class Block(nn.Module):
     whose forward takes ``hidden`` alone still works without a cache. They may override:
 
     - :meth:`allocate_cache` — this block's cache entry (None: the block keeps no state);
-
     - :meth:`inference_state_bytes` — bytes of inference state one sequence needs at a given
       context length (KV for attention, conv + SSM state for SSM blocks, 0 for feed-forwards);
-    - :meth:`active_parameters` — parameters used per token (MoE: only top-k experts).
+    - :meth:`active_parameters` — parameters used per token (MoE: only top-k experts);
+    - :meth:`residual_weights` — the weights that write into the residual stream.
+
+    At model init every ``nn.Linear`` and ``nn.Embedding`` weight is drawn from Normal(0, std)
+    unless it is flagged ``_no_reinit``; a submodule that holds projection weights as plain
+    parameters (MoE experts) draws them itself in a ``reset_projections(std)`` method, which
+    the model calls on every module that has one. Everything else keeps the block's own init.
     """
 
     block_name: ClassVar[str] = ""
@@ -152,53 +168,14 @@ class Block(nn.Module):
         """Parameters that take part in processing one token."""
         return sum(p.numel() for p in self.parameters())
 
-    def residual_projections(self) -> list[nn.Linear]:
-        """Linear layers that write into the residual stream (scaled down at init)."""
+    def residual_weights(self) -> list[nn.Parameter]:
+        """Weights of the projections that write into the residual stream.
+
+        The model draws them with a smaller std at init (std / sqrt(number of sublayers)).
+        """
         return []
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
-    """Size in bytes of one element of ``dtype``."""
+    """Bytes of one element of ``dtype`` (what :meth:`Block.inference_state_bytes` counts)."""
     return torch.empty((), dtype=dtype).element_size()
-
-
-def build_options(options_class: type, values: dict[str, Any] | Any, where: str) -> Any:
-    """Make an options dataclass from a mapping, naming ``where`` in errors.
-
-    ``values`` may already be an instance of ``options_class``. Unknown keys fail with the
-    closest valid key suggested.
-    """
-    if isinstance(values, options_class):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping of options, got {type(values).__name__}")
-    names = [f.name for f in dataclasses.fields(options_class)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"{where}.{key}: unknown option; {hint}valid: {', '.join(names)}")
-    return options_class(**values)
-
-
-def merge_options(options: Any, overrides: dict[str, Any], where: str) -> Any:
-    """A copy of ``options`` with ``overrides`` applied (unknown keys fail like build_options)."""
-    build_options(type(options), overrides, where)  # key check only
-    return dataclasses.replace(options, **overrides)
-
-
-def require(condition: bool, where: str, message: str) -> None:
-    """Raise a one-line ``ValueError("{where}: {message}")`` unless ``condition`` holds."""
-    if not condition:
-        raise ValueError(f"{where}: {message}")
-
-
-def require_positive_int(value: Any, where: str) -> None:
-    """Fail unless ``value`` is an int > 0 (bools rejected)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-    require(ok, where, f"must be a positive integer, got {value!r}")
-
-
-def require_choice(value: Any, choices: tuple[str, ...], where: str) -> None:
-    """Fail unless ``value`` is one of ``choices``, listing them."""
-    require(value in choices, where, f"must be one of {', '.join(choices)}; got {value!r}")

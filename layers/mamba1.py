@@ -7,20 +7,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import repeat
 from torch import nn
 
-from layers.base import Block, TokenContext, dtype_bytes, require, require_positive_int
+from layers.base import Block, TokenContext
 from layers.norm import RMSNorm, upcast
-from layers.ops import (
-    causal_conv1d,
-    causal_conv1d_step,
-    effective_dt,
-    selective_scan,
-    selective_scan_step,
-)
+from layers.ops import effective_dt, selective_scan, selective_scan_step
+from layers.options import require, require_positive_int
 from layers.registry import register_block
-from layers.ssm_init import SSMCache, init_dt_bias, mark_no_weight_decay
+from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv
+from layers.ssm_init import init_dt_bias, mark_no_weight_decay
 
 
 @dataclass
@@ -77,14 +73,7 @@ class Mamba1(Block):
         self.d_inner = options.expand * d_model
         d_state, dt_rank = options.d_state, options.dt_rank
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=options.bias)
-        self.conv1d = nn.Conv1d(
-            self.d_inner,
-            self.d_inner,
-            options.d_conv,
-            groups=self.d_inner,
-            padding=options.d_conv - 1,
-            bias=options.conv_bias,
-        )
+        self.conv1d = depthwise_conv(self.d_inner, options.d_conv, options.conv_bias)
         self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True)
         dt_std = dt_rank**-0.5 * options.dt_scale
@@ -113,31 +102,8 @@ class Mamba1(Block):
         opts = self.options
         valid = None if context is None or context.valid is None else context.valid[..., None]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        if valid is not None:
-            x = x * valid  # padding never enters the conv window
-        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         step = cache is not None and hidden.shape[1] == 1 and valid is None
-        if step:
-            x_t, conv_state = causal_conv1d_step(
-                x[:, 0], cache.conv_state, conv_weight, self.conv1d.bias, activation="silu"
-            )
-            cache.conv_state.copy_(conv_state)  # in place: static addresses for graphs
-            x = x_t[:, None, :]  # (b, 1, d_inner)
-        else:
-            conv = causal_conv1d(
-                x.transpose(1, 2),
-                conv_weight,
-                self.conv1d.bias,
-                activation="silu",
-                initial_state=None if cache is None else cache.conv_state,
-                return_final_state=cache is not None,
-            )
-            if cache is not None:
-                conv, conv_state = conv
-                cache.conv_state = conv_state.to(cache.conv_state.dtype)
-            x = conv.transpose(1, 2)  # (b, l, d_inner)
-            if valid is not None:
-                x = x * valid  # the conv bias must not turn padding into input
+        x = causal_conv_silu(x, self.conv1d, cache, valid, step)  # (b, l, d_inner)
         dt, B, C = self.x_proj(x).split([opts.dt_rank, opts.d_state, opts.d_state], dim=-1)
         if opts.inner_norms:
             dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
@@ -174,23 +140,15 @@ class Mamba1(Block):
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
     ) -> SSMCache:
         opts = self.options
-        state_dtype = torch.promote_types(dtype, torch.float32)
-        return SSMCache(
-            conv_state=torch.zeros(
-                batch_size, self.d_inner, opts.d_conv - 1, dtype=dtype, device=device
-            ),
-            ssm_state=torch.zeros(
-                batch_size, self.d_inner, opts.d_state, dtype=state_dtype, device=device
-            ),
-        )
+        state_shape = (self.d_inner, opts.d_state)
+        return SSMCache.zeros(batch_size, self.d_inner, opts.d_conv, state_shape, dtype, device)
 
     @classmethod
     def inference_state_bytes(
         cls, d_model: int, options: Mamba1Options, context: int, dtype: torch.dtype
     ) -> int:
         d_inner = options.expand * d_model
-        conv = d_inner * (options.d_conv - 1) * dtype_bytes(dtype)
-        return conv + d_inner * options.d_state * 4  # SSM state is float32
+        return SSMCache.sequence_bytes(d_inner, options.d_conv, d_inner * options.d_state, dtype)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.out_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.out_proj.weight]

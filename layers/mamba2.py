@@ -9,11 +9,13 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from layers.base import Block, TokenContext, dtype_bytes, require, require_positive_int
+from layers.base import Block, TokenContext
 from layers.norm import GatedRMSNorm, upcast
-from layers.ops import causal_conv1d, causal_conv1d_step, effective_dt, ssd_scan, ssd_step
+from layers.ops import effective_dt, ssd_scan, ssd_step
+from layers.options import require, require_positive_int
 from layers.registry import register_block
-from layers.ssm_init import SSMCache, init_dt_bias, mark_no_weight_decay
+from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv
+from layers.ssm_init import init_dt_bias, mark_no_weight_decay
 
 
 @dataclass
@@ -95,14 +97,7 @@ class Mamba2(Block):
         self.conv_dim = self.d_inner + 2 * options.ngroups * options.d_state
         d_in_proj = self.d_inner + self.conv_dim + self.nheads  # [z, x, B, C, dt]
         self.in_proj = nn.Linear(d_model, d_in_proj, bias=options.bias)
-        self.conv1d = nn.Conv1d(
-            self.conv_dim,
-            self.conv_dim,
-            options.d_conv,
-            groups=self.conv_dim,
-            padding=options.d_conv - 1,
-            bias=options.conv_bias,
-        )
+        self.conv1d = depthwise_conv(self.conv_dim, options.d_conv, options.conv_bias)
         self.dt_bias = nn.Parameter(
             init_dt_bias(self.nheads, options.dt_min, options.dt_max, options.dt_init_floor)
         )
@@ -123,18 +118,13 @@ class Mamba2(Block):
         length = hidden.shape[1]
         valid = None if context is None or context.valid is None else context.valid[..., None]
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], -1)
-        if valid is not None:
-            xbc = xbc * valid  # padding never enters the conv window
-        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        step = cache is not None and length == 1 and valid is None
+        xbc = causal_conv_silu(xbc, self.conv1d, cache, valid, step)  # (b, l, conv_dim)
         A = -torch.exp(upcast(self.A_log))
         group_width = opts.ngroups * opts.d_state
-        if cache is not None and length == 1 and valid is None:
+        if step:
             # One decoding step: the recurrence directly, no chunking.
-            xbc_t, conv_state = causal_conv1d_step(
-                xbc[:, 0], cache.conv_state, conv_weight, self.conv1d.bias, activation="silu"
-            )
-            cache.conv_state.copy_(conv_state)  # in place: static addresses for graphs
-            x, B, C = xbc_t.split([self.d_inner, group_width, group_width], -1)
+            x, B, C = xbc[:, 0].split([self.d_inner, group_width, group_width], -1)
             y, ssm_state = ssd_step(
                 cache.ssm_state,
                 rearrange(x, "b (h p) -> b h p", p=opts.headdim),
@@ -150,21 +140,8 @@ class Mamba2(Block):
             cache.ssm_state.copy_(ssm_state)
             y = rearrange(y, "b h p -> b 1 (h p)")
         else:
-            conv = causal_conv1d(
-                xbc.transpose(1, 2),
-                conv_weight,
-                self.conv1d.bias,
-                activation="silu",
-                initial_state=None if cache is None else cache.conv_state,
-                return_final_state=cache is not None,
-            )
-            if cache is not None:
-                conv, conv_state = conv
-                cache.conv_state = conv_state.to(cache.conv_state.dtype)
-            xbc = conv.transpose(1, 2)
             dt_args = {"dt_bias": self.dt_bias, "dt_softplus": True, "dt_limit": opts.dt_limit}
             if valid is not None:
-                xbc = xbc * valid  # the conv bias must not turn padding into input
                 dt = effective_dt(dt, **dt_args) * valid  # dt = 0: padding leaves the state
                 dt_args = {}
             x, B, C = xbc.split([self.d_inner, group_width, group_width], -1)
@@ -189,19 +166,8 @@ class Mamba2(Block):
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
     ) -> SSMCache:
         opts = self.options
-        return SSMCache(
-            conv_state=torch.zeros(
-                batch_size, self.conv_dim, opts.d_conv - 1, dtype=dtype, device=device
-            ),
-            ssm_state=torch.zeros(
-                batch_size,
-                self.nheads,
-                opts.headdim,
-                opts.d_state,
-                dtype=torch.promote_types(dtype, torch.float32),
-                device=device,
-            ),
-        )
+        state_shape = (self.nheads, opts.headdim, opts.d_state)
+        return SSMCache.zeros(batch_size, self.conv_dim, opts.d_conv, state_shape, dtype, device)
 
     @classmethod
     def inference_state_bytes(
@@ -209,8 +175,7 @@ class Mamba2(Block):
     ) -> int:
         d_inner = options.d_inner(d_model)
         conv_dim = d_inner + 2 * options.ngroups * options.d_state
-        conv = conv_dim * (options.d_conv - 1) * dtype_bytes(dtype)
-        return conv + d_inner * options.d_state * 4  # SSM state is float32
+        return SSMCache.sequence_bytes(conv_dim, options.d_conv, d_inner * options.d_state, dtype)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.out_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.out_proj.weight]

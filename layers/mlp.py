@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.base import Block, require_choice, require_positive_int
+from layers.base import Block
 from layers.ops.kernels import needs_autograd
+from layers.options import require_choice, require_positive_int
 from layers.registry import register_block
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -106,5 +107,5 @@ class MLP(Block):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ffn(hidden)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.ffn.down_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.ffn.down_proj.weight]

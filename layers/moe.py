@@ -9,15 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.base import (
-    Block,
-    BlockOutput,
-    TokenContext,
-    require,
-    require_choice,
-    require_positive_int,
-)
+from layers.base import Block, BlockOutput, TokenContext
 from layers.mlp import ACTIVATIONS, GATED, FeedForward, activate, default_hidden_size
+from layers.options import require, require_choice, require_positive_int
 from layers.registry import register_block
 
 
@@ -133,6 +127,12 @@ class Experts(nn.Module):
         ):
             if weight is not None:
                 nn.init.normal_(weight, std=1.0 / math.sqrt(fan_in))
+
+    def reset_projections(self, std: float) -> None:
+        """Redraw the expert weights from Normal(0, std), as the model does for nn.Linear."""
+        for weight in (self.gate_proj, self.up_proj, self.down_proj):
+            if weight is not None:
+                nn.init.normal_(weight, std=std)
 
     def expert_forward(self, expert: int, tokens: torch.Tensor) -> torch.Tensor:
         """Run expert ``expert`` on ``tokens`` (n, d_model) -> (n, d_model)."""
@@ -269,8 +269,9 @@ class MoE(Block):
         total = sum(p.numel() for p in self.parameters())
         return total - experts + experts * self.options.top_k // self.options.n_experts
 
-    def residual_projections(self) -> list[nn.Module]:
-        return [] if self.shared is None else [self.shared.down_proj]
+    def residual_weights(self) -> list[nn.Parameter]:
+        shared = [] if self.shared is None else [self.shared.down_proj.weight]
+        return [*shared, self.experts.down_proj]
 
 
 def router_losses(

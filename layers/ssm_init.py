@@ -1,13 +1,10 @@
-"""What the selective-scan blocks (Mamba-1 and Mamba-2) share: initialisation and cache entry."""
+"""Initialisation that the selective-scan blocks (Mamba-1 and Mamba-2) share, after mamba_ssm."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-
-from layers.base import CacheEntry
 
 
 def inverse_softplus(values: torch.Tensor) -> torch.Tensor:
@@ -25,18 +22,3 @@ def mark_no_weight_decay(*params: torch.nn.Parameter) -> None:
     """Flag SSM dynamics parameters that optimisers should not decay (mamba_ssm's convention)."""
     for param in params:
         param._no_weight_decay = True
-
-
-@dataclass
-class SSMCache(CacheEntry):
-    """Inference state of one Mamba sublayer: the conv window and the recurrent state.
-
-    Attributes:
-        conv_state: (batch, conv_dim, d_conv - 1), the last inputs of the causal conv, in the
-            model's dtype.
-        ssm_state: float32; Mamba-2 (batch, nheads, headdim, d_state), Mamba-1
-            (batch, d_inner, d_state).
-    """
-
-    conv_state: torch.Tensor
-    ssm_state: torch.Tensor

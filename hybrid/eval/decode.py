@@ -24,7 +24,6 @@ import torch
 from hybrid.accounting import describe
 from hybrid.eval import inference
 from hybrid.eval.progress import progress_bar
-from layers.attention import KVCache
 
 if TYPE_CHECKING:
     from hybrid.inference.cache import HybridCache
@@ -43,28 +42,13 @@ timings slow and erratic (see ``scripts/bench_decode.py``)."""
 def fill_random(cache: HybridCache, length: int, generator: torch.Generator) -> None:
     """Make ``cache`` look as if it had consumed ``length`` real tokens, without running them.
 
-    KV entries: random keys/values in the slots of indices 0..length-1 (slot ``t % window``
-    for a sliding-window ring), with ``key_index`` and ``valid`` set there. Every other entry
-    (conv and SSM states): small random floating-point values.
+    Each entry fills itself (:meth:`layers.base.CacheEntry.fill_random`): KV entries get random
+    keys/values in the slots of indices 0..length-1 (slot ``t % window`` for a sliding-window
+    ring), conv and SSM states small random values.
     """
     for entry in cache.entries:
-        if entry is None:
-            continue
-        if isinstance(entry, KVCache):
-            capacity = entry.keys.shape[2]
-            index = torch.arange(max(0, length - capacity), length, device=entry.keys.device)
-            slots = index % capacity if entry.window is not None else index
-            shape = (*entry.keys.shape[:2], index.numel(), entry.keys.shape[3])
-            for tensor in (entry.keys, entry.values):
-                noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-                tensor[:, :, slots] = noise.to(device=tensor.device, dtype=tensor.dtype)
-            entry.key_index[:, slots] = index
-            entry.valid[:, slots] = True
-        else:
-            for tensor in entry.tensors().values():
-                if tensor.is_floating_point():
-                    noise = 0.1 * torch.randn(tensor.shape, generator=generator)
-                    tensor.copy_(noise.to(device=tensor.device, dtype=tensor.dtype))
+        if entry is not None:
+            entry.fill_random(length, generator)
     cache.length = length
     cache.real_lengths.fill_(length)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from layers.base import require
+from layers.options import require
 
 
 def _require_number(value: Any, where: str) -> None:

@@ -7,7 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NO_LIMIT", "clamped_exp", "compute_dtype", "effective_dt", "exp_floor"]
+from .kernels import needs_autograd
+
+__all__ = ["NO_LIMIT", "clamped_exp", "compute_dtype", "effective_dt", "exp_floor", "skip_and_gate"]
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -86,3 +88,22 @@ def effective_dt(
     if tuple(dt_limit) != NO_LIMIT:
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     return dt
+
+
+def skip_and_gate(
+    y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
+) -> torch.Tensor:
+    """The scans' output ``(y + D * x) * silu(z)``, each term optional.
+
+    y, x, z: one shape; D broadcasts against it, so the caller lines its channels up with x's
+    (Mamba-1: (dim,) for channels-last x; Mamba-2: (nheads, 1) or (nheads, headdim)). In place
+    on ``y``, which must be a fresh tensor, when autograd is off: one pass and no allocation.
+    """
+    inplace = not needs_autograd(y, x, D, z)
+    if D is not None:
+        D = D.to(y.dtype)
+        y = y.addcmul_(x, D) if inplace else torch.addcmul(y, x, D)
+    if z is not None:
+        gate = F.silu(z.to(y.dtype))
+        y = y.mul_(gate) if inplace else y * gate
+    return y

@@ -1,4 +1,5 @@
-"""The project's import graph has no cycle, and ``layers/`` never imports ``hybrid``.
+"""The project's import graph has no cycle (that ``layers/`` never imports ``hybrid`` is
+tests/layers/test_layering.py).
 
 Every ``import`` / ``from ... import`` statement of every module under ``hybrid/`` and
 ``layers/`` counts, at module level or inside a function (a lazy import that only hides a
@@ -98,13 +99,3 @@ def test_find_cycle_reports_a_cycle():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph(project_modules()))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
-
-def test_layers_never_imports_hybrid():
-    graph = import_graph(project_modules())
-    offenders = {
-        module: sorted(target for target in targets if target.split(".")[0] == "hybrid")
-        for module, targets in graph.items()
-        if module.split(".")[0] == "layers"
-    }
-    assert {module: targets for module, targets in offenders.items() if targets} == {}

@@ -7,6 +7,7 @@ import torch
 
 from hybrid import HybridConfig
 from layers.attention import Attention, causal_attention
+from layers.base import TokenContext
 
 
 def softmax_attention_reference(q, k, v, window=None):
@@ -100,3 +101,20 @@ def test_attention_block_matches_reference(options):
             torch.nn.init.normal_(proj.bias)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     torch.testing.assert_close(block(x), attention_block_reference(block, x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("length", [3, 4, 9])
+def test_fill_random_sets_the_slots_a_prefill_would(window, length):
+    """KVCache.fill_random (decode benchmarks) leaves the ring in the state a real prefill of
+    ``length`` tokens leaves it in, with random keys and values in the kept slots only."""
+    config = HybridConfig("*", vocab_size=8, d_model=16, attention={"n_heads": 2, "window": window})
+    block = Attention(16, config.layer_options[0], 0)
+    filled, fed = (block.allocate_cache(2, 12, torch.float32, torch.device("cpu")) for _ in "ab")
+    filled.fill_random(length, torch.Generator().manual_seed(0))
+    context = TokenContext(start=0, positions=torch.arange(length).expand(2, -1))
+    block(torch.randn(2, length, 16), cache=fed, context=context)
+    assert torch.equal(filled.key_index, fed.key_index) and torch.equal(filled.valid, fed.valid)
+    kept = filled.key_index >= 0  # (batch, capacity)
+    for tensor in (filled.keys, filled.values):
+        assert torch.equal(tensor.ne(0).any(-1).any(1), kept)

@@ -1,5 +1,5 @@
-"""Mamba-2 and Mamba-1 blocks against whole-block float64 references written plainly here:
-per-tap causal conv, per-token state recurrence, explicit gated norm."""
+"""Mamba-2 and Mamba-1 blocks against whole-block float64 references written plainly here
+(per-token state recurrence, explicit gated norm) on the per-tap conv of conv/naive.py."""
 
 import math
 
@@ -9,6 +9,7 @@ import torch
 from hybrid import HybridConfig
 from layers.mamba1 import Mamba1
 from layers.mamba2 import Mamba2
+from layers.ops import causal_conv1d_naive
 
 
 def silu(x):
@@ -21,14 +22,7 @@ def softplus(x):
 
 def conv_reference(x, weight, bias):
     """x (l, d), weight (d, w): y[t] = bias + sum_k weight[:, k] * x[t - (w-1) + k]."""
-    length, width = x.shape[0], weight.shape[1]
-    y = torch.zeros_like(x) + (bias if bias is not None else 0)
-    for t in range(length):
-        for k in range(width):
-            source = t - (width - 1) + k
-            if source >= 0:
-                y[t] += weight[:, k] * x[source]
-    return y
+    return causal_conv1d_naive(x.T[None], weight, bias)[0][0].T
 
 
 def mamba2_reference(block, u):
@@ -238,3 +232,17 @@ def test_forward_backward_finite_at_65536_tokens(pattern):
     for name, param in block.named_parameters():
         assert torch.isfinite(param.grad).all(), name
     assert not math.isnan(out.float().std().item())
+
+
+@pytest.mark.parametrize("pattern", ["M", "S"])
+def test_ssm_cache_fill_random_fills_both_states(pattern):
+    config = HybridConfig(pattern, vocab_size=8, d_model=16, mamba2={"d_state": 8, "headdim": 8})
+    block = (Mamba2 if pattern == "M" else Mamba1)(16, config.layer_options[0], 0)
+    cache = block.allocate_cache(2, 32, torch.bfloat16, torch.device("cpu"))
+    before = {name: t.clone() for name, t in cache.tensors().items()}
+    cache.fill_random(20, torch.Generator().manual_seed(0))
+    for name, tensor in cache.tensors().items():
+        assert tensor.shape == before[name].shape and tensor.dtype == before[name].dtype
+        assert tensor.ne(0).float().mean() > 0.9, name
+    per_sequence = block.inference_state_bytes(16, block.options, 20, torch.bfloat16)
+    assert cache.nbytes == 2 * per_sequence

@@ -147,7 +147,7 @@ def _step_both(monkeypatch, step, state, *args, **kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ssd_step_kernel_matches_torch(ngroups, d_per_headdim, dtype, monkeypatch):
     _require(mamba_ssm_ops)
-    calls = _spy(monkeypatch, "layers.ops.ssd", "mamba_ssm_ops", "selective_state_update")
+    calls = _spy(monkeypatch, "layers.ops.ssd.dispatch", "mamba_ssm_ops", "selective_state_update")
     g = torch.Generator(device="cuda").manual_seed(0)
     b, h, p, n = 3, 8, 32, 16
 
@@ -174,7 +174,7 @@ def test_ssd_step_kernel_matches_torch(ngroups, d_per_headdim, dtype, monkeypatc
 def test_ssd_step_kernel_without_optional_arguments(monkeypatch):
     """D=None and dt_bias=None crash some mamba_ssm versions; the dispatcher passes zeros."""
     _require(mamba_ssm_ops)
-    calls = _spy(monkeypatch, "layers.ops.ssd", "mamba_ssm_ops", "selective_state_update")
+    calls = _spy(monkeypatch, "layers.ops.ssd.dispatch", "mamba_ssm_ops", "selective_state_update")
     g = torch.Generator(device="cuda").manual_seed(0)
     b, h, p, n = 2, 4, 16, 8
 
@@ -222,7 +222,7 @@ def test_ssd_scan_then_kernel_steps_match_the_full_scan():
 def test_selective_scan_step_kernel_matches_torch(ngroups, dtype, monkeypatch):
     _require(mamba_ssm_ops)
     calls = _spy(
-        monkeypatch, "layers.ops.selective_scan", "mamba_ssm_ops", "selective_state_update"
+        monkeypatch, "layers.ops.selective_scan.dispatch", "mamba_ssm_ops", "selective_state_update"
     )
     g = torch.Generator(device="cuda").manual_seed(0)
     b, d, n = 3, 64, 16
@@ -253,7 +253,9 @@ def test_selective_scan_step_kernel_matches_torch(ngroups, dtype, monkeypatch):
 def test_causal_conv1d_step_kernel_matches_torch(width, dtype, activation, monkeypatch):
     """Our (batch, dim, width - 1) conv state goes to causal_conv1d_update as is."""
     _require(causal_conv1d_ops)
-    calls = _spy(monkeypatch, "layers.ops.conv", "causal_conv1d_ops", "causal_conv1d_update")
+    calls = _spy(
+        monkeypatch, "layers.ops.conv.dispatch", "causal_conv1d_ops", "causal_conv1d_update"
+    )
     g = torch.Generator(device="cuda").manual_seed(0)
     b, d = 3, 64
 

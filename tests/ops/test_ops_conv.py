@@ -1,4 +1,4 @@
-"""causal_conv1d / causal_conv1d_step against an explicit per-tap float64 reference."""
+"""causal_conv1d / causal_conv1d_step against the per-tap float64 reference (conv/naive.py)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layers.ops import causal_conv1d, causal_conv1d_step
-
-
-def conv_reference(x, weight, bias=None, activation=None, initial_state=None):
-    """Plain per-tap loop in float64. Returns (y, final_state = last width-1 inputs)."""
-    x, weight = x.double(), weight.double()
-    batch, dim, seqlen = x.shape
-    width = weight.shape[1]
-    if initial_state is None:
-        initial_state = torch.zeros(batch, dim, width - 1, dtype=torch.float64)
-    xx = torch.cat([initial_state.double(), x], dim=-1)
-    y = torch.zeros(batch, dim, seqlen, dtype=torch.float64)
-    for k in range(width):
-        y += weight[:, k, None] * xx[:, :, k : k + seqlen]
-    if bias is not None:
-        y += bias.double()[:, None]
-    if activation == "silu":
-        y = y * torch.sigmoid(y)
-    return y, xx[:, :, xx.shape[-1] - (width - 1) :]
+from layers.ops import causal_conv1d, causal_conv1d_naive, causal_conv1d_step
 
 
 def make(batch, dim, seqlen, width, dtype=torch.float64, seed=0):
@@ -46,7 +28,7 @@ def test_matches_reference(width, seqlen, with_state, activation):
     y, final = causal_conv1d(
         x, w, b, activation=activation, initial_state=init, return_final_state=True
     )
-    y_ref, final_ref = conv_reference(x, w, b, activation, init)
+    y_ref, final_ref = causal_conv1d_naive(x, w, b, activation, init)
     assert y.shape == (2, 5, seqlen) and final.shape == (2, 5, width - 1)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(final, final_ref, rtol=0, atol=0)
@@ -55,7 +37,7 @@ def test_matches_reference(width, seqlen, with_state, activation):
 def test_no_bias_and_plain_output():
     x, w, _, _ = make(1, 3, 9, 3)
     y = causal_conv1d(x, w)
-    torch.testing.assert_close(y, conv_reference(x, w)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, causal_conv1d_naive(x, w)[0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("split", [1, 2, 5])
@@ -73,7 +55,7 @@ def test_two_pieces_equal_whole(split):
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_step_matches_scan(activation):
     x, w, b, s = make(2, 6, 10, 4)
-    y_ref, final_ref = conv_reference(x, w, b, activation, s)
+    y_ref, final_ref = causal_conv1d_naive(x, w, b, activation, s)
     state = s.clone()
     ys = []
     for t in range(x.shape[-1]):
@@ -100,7 +82,7 @@ def test_dtypes_follow_input():
         x.bfloat16(), w, b, initial_state=s.bfloat16(), return_final_state=True
     )
     assert y.dtype == torch.bfloat16 and final.dtype == torch.bfloat16
-    y_ref, _ = conv_reference(x.bfloat16(), w, b, None, s.bfloat16())
+    y_ref, _ = causal_conv1d_naive(x.bfloat16(), w, b, None, s.bfloat16())
     torch.testing.assert_close(y.double(), y_ref, rtol=2e-2, atol=2e-2)
 
 
@@ -129,7 +111,7 @@ def test_channel_last_input_matches_reference(width, seqlen, with_state, with_bi
     y, final = causal_conv1d(
         x_cl, w, b, activation="silu", initial_state=s, return_final_state=True
     )
-    y_ref, final_ref = conv_reference(x, w, b, "silu", s)
+    y_ref, final_ref = causal_conv1d_naive(x, w, b, "silu", s)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(final, final_ref, rtol=0, atol=0)
     if seqlen > 1:

@@ -27,10 +27,11 @@ from layers.ops import (
     ssd_step,
 )
 
-# layers.ops re-exports functions under its submodules' names, so fetch the modules themselves.
-conv_module = importlib.import_module("layers.ops.conv")
-selective_scan_module = importlib.import_module("layers.ops.selective_scan")
-ssd_module = importlib.import_module("layers.ops.ssd")
+# The modules that choose kernel or PyTorch, by path (layers.ops.selective_scan is also the
+# name of a function).
+conv_module = importlib.import_module("layers.ops.conv.dispatch")
+selective_scan_module = importlib.import_module("layers.ops.selective_scan.dispatch")
+ssd_module = importlib.import_module("layers.ops.ssd.dispatch")
 CALLS: list[str] = []
 # Whether each selective_state_update call took the kernel's tied-headdim path (one dt and A
 # per head, detected from stride-0 expands as in mamba_ssm's Mamba2.step).

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan ops against a sequential per-token float64 recurrence."""
+"""Mamba-1 selective scan ops against the sequential per-token float64 recurrence
+(selective_scan/naive.py)."""
 
 from __future__ import annotations
 
@@ -7,46 +8,18 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from layers.ops import causal_conv1d, selective_scan, selective_scan_step, selective_scan_torch
+from layers.ops import (
+    causal_conv1d,
+    selective_scan,
+    selective_scan_naive,
+    selective_scan_step,
+    selective_scan_torch,
+)
 
 CHUNK = 16
-# The module itself (``layers.ops.selective_scan`` is also the name of the function).
-scan_module = importlib.import_module("layers.ops.selective_scan")
-
-
-def scan_reference(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None
-):
-    """h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ; y_t = C_t . h_t + D u_t, token by token."""
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, dim, seqlen = u.shape
-    if B.dim() == 3:
-        B, C = B[:, None], C[:, None]
-    group = torch.arange(dim) // (dim // B.shape[1])  # group of each channel
-    B, C = B[:, group], C[:, group]  # (batch, dim, d_state, seqlen)
-    if initial_state is None:
-        h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
-    else:
-        h = initial_state.double().clone()
-    ys = []
-    for t in range(seqlen):
-        h = (
-            torch.exp(delta[:, :, t, None] * A) * h
-            + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
-        )
-        y = (h * C[..., t]).sum(-1)
-        if D is not None:
-            y = y + D.double() * u[:, :, t]
-        if z is not None:
-            y = y * F.silu(z[:, :, t].double())
-        ys.append(y)
-    return torch.stack(ys, -1), h
+# By path: ``layers.ops.selective_scan`` is also the name of the function.
+scan_module = importlib.import_module("layers.ops.selective_scan.chunk")
 
 
 def make(batch=2, dim=6, seqlen=20, d_state=3, ngroups=None, dtype=torch.float64, seed=0):
@@ -84,7 +57,7 @@ def run(
     if grad:  # the differentiable path (otherwise the in-place inference path runs)
         args = [a.clone().requires_grad_() for a in args]
     out = fn(*args, return_final_state=True, **kwargs, **extra)
-    ref = scan_reference(*(d[k] for k in ("u", "delta", "A", "B", "C")), **kwargs)
+    ref = selective_scan_naive(*(d[k] for k in ("u", "delta", "A", "B", "C")), **kwargs)
     return tuple(o.detach() for o in out), ref
 
 
@@ -266,7 +239,7 @@ def torch_scan(chunk_size=None, **kw):
 
 
 def reference_scan(**kw):
-    return scan_reference(
+    return selective_scan_naive(
         kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], D=kw["D"], z=kw["z"],
         delta_bias=kw["delta_bias"], delta_softplus=True, initial_state=kw.get("init"),
     )  # fmt: skip
@@ -319,7 +292,7 @@ def test_float32_close_to_float64_reference(grad):
     d32 = {k: v.float() for k, v in d.items()}
     (y, final), _ = run(d32, D=True, init=True, grad=grad)
     assert y.dtype == torch.float32 and final.dtype == torch.float32
-    y_ref, final_ref = scan_reference(
+    y_ref, final_ref = selective_scan_naive(
         d["u"], d["delta"], d["A"], d["B"], d["C"], D=d["D"], initial_state=d["init"]
     )
     assert ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-5
@@ -342,7 +315,7 @@ def test_bf16_autocast_keeps_state_float32():
         )
     assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
     assert torch.isfinite(final).all() and torch.isfinite(y.float()).all()
-    y_ref, final_ref = scan_reference(
+    y_ref, final_ref = selective_scan_naive(
         d["u"].bfloat16(),
         d["delta"].bfloat16(),
         d["A"],

@@ -1,61 +1,16 @@
-"""Mamba-2 SSD ops against a sequential per-token float64 recurrence."""
+"""Mamba-2 SSD ops against the sequential per-token float64 recurrence (ssd/naive.py)."""
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import layers.ops.ssd as ssd_module
-from layers.ops import causal_conv1d, ssd_chunked_torch, ssd_scan, ssd_step
+from layers.ops import causal_conv1d, ssd_chunked_torch, ssd_naive, ssd_scan, ssd_step
+from layers.ops.ssd import chunk as ssd_chunk
 
 CHUNK = 16
-INF = math.inf
-
-
-def ssd_reference(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D=None,
-    z=None,
-    dt_bias=None,
-    dt_softplus=False,
-    dt_limit=(0.0, INF),
-    initial_state=None,
-):
-    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ; y_t = h_t C_t + D x_t, one token at a time."""
-    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
-    if dt_bias is not None:
-        dt = dt + dt_bias.double()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, INF):
-        dt = dt.clamp(dt_limit[0], dt_limit[1])
-    batch, seqlen, nheads, headdim = x.shape
-    group = torch.arange(nheads) // (nheads // B.shape[2])  # group of each head
-    if initial_state is None:
-        h = torch.zeros(batch, nheads, headdim, B.shape[-1], dtype=torch.float64)
-    else:
-        h = initial_state.double().clone()
-    ys = []
-    for t in range(seqlen):
-        Bt, Ct = B[:, t, group], C[:, t, group]  # (batch, nheads, d_state)
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
-        h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None, :]
-        y = (h * Ct[:, :, None, :]).sum(-1)
-        if D is not None:
-            Dd = D.double()
-            y = y + x[:, t] * (Dd[:, None] if Dd.dim() == 1 else Dd)
-        if z is not None:
-            y = y * F.silu(z[:, t].double())
-        ys.append(y)
-    return torch.stack(ys, 1), h
 
 
 def make(
@@ -98,7 +53,7 @@ def run(fn, d, *, D=None, z=False, dt_opts=False, init=False, chunk_size=CHUNK, 
         return_final_state=final,
         **kwargs,
     )
-    ref = ssd_reference(d["x"], d["dt"], d["A"], d["B"], d["C"], **kwargs)
+    ref = ssd_naive(d["x"], d["dt"], d["A"], d["B"], d["C"], **kwargs)
     return out, ref
 
 
@@ -130,7 +85,7 @@ def test_dt_limit_is_applied():
     kw = dict(dt_bias=d["dt_bias"], dt_softplus=True, chunk_size=CHUNK)
     args = (d["x"], d["dt"], d["A"], d["B"], d["C"])
     y_lim = ssd_chunked_torch(*args, dt_limit=(0.3, 0.4), **kw)
-    y_ref, _ = ssd_reference(*args, dt_bias=d["dt_bias"], dt_softplus=True, dt_limit=(0.3, 0.4))
+    y_ref, _ = ssd_naive(*args, dt_bias=d["dt_bias"], dt_softplus=True, dt_limit=(0.3, 0.4))
     torch.testing.assert_close(y_lim, y_ref, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(y_lim, ssd_chunked_torch(*args, **kw))
 
@@ -152,7 +107,7 @@ def test_factored_and_segsum_paths_agree(monkeypatch, ngroups, limit):
 
     limit -1: all heads on the segment-sum path; 1: mixed; 1e9: all factorised.
     """
-    monkeypatch.setitem(ssd_module._FACTOR_RANGE, torch.float64, limit)
+    monkeypatch.setitem(ssd_chunk._FACTOR_RANGE, torch.float64, limit)
     d = make(seqlen=3 * CHUNK + 1, ngroups=ngroups)
     d["A"] = torch.tensor([-0.01, -3.0, -0.05, -0.4], dtype=torch.float64)
     (y, final), (y_ref, final_ref) = run(ssd_chunked_torch, d, D=d["D"], init=True)
@@ -175,9 +130,7 @@ def test_float32_fast_decay_heads():
         initial_state=d32["init"],
         return_final_state=True,
     )
-    y_ref, final_ref = ssd_reference(
-        d["x"], d["dt"], d["A"], d["B"], d["C"], initial_state=d["init"]
-    )
+    y_ref, final_ref = ssd_naive(d["x"], d["dt"], d["A"], d["B"], d["C"], initial_state=d["init"])
     assert torch.isfinite(y).all() and torch.isfinite(final).all()
     assert ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-5
     assert ((final.double() - final_ref).norm() / final_ref.norm()).item() < 1e-5
@@ -273,7 +226,7 @@ def test_step_float32_state_bf16_input():
 @pytest.mark.parametrize("ngroups", [1, 2])
 @pytest.mark.parametrize("limit", [-1.0, 0.5, 1e9])  # segment-sum, mixed, factorised
 def test_gradcheck(monkeypatch, limit, ngroups):
-    monkeypatch.setitem(ssd_module._FACTOR_RANGE, torch.float64, limit)
+    monkeypatch.setitem(ssd_chunk._FACTOR_RANGE, torch.float64, limit)
     d = make(batch=1, seqlen=7, nheads=4, headdim=2, d_state=3, ngroups=ngroups)
     d["A"] = torch.tensor([-0.01, -3.0, -0.05, -0.4], dtype=torch.float64)
     names = ["x", "dt", "A", "B", "C", "D", "init", "z", "dt_bias"]
@@ -313,7 +266,7 @@ def test_float32_close_to_float64_reference():
         return_final_state=True,
     )
     assert y.dtype == torch.float32 and final.dtype == torch.float32
-    y_ref, final_ref = ssd_reference(
+    y_ref, final_ref = ssd_naive(
         d["x"], d["dt"], d["A"], d["B"], d["C"], D=d["D"], initial_state=d["init"]
     )
     assert ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-5
@@ -336,9 +289,7 @@ def test_float32_factorised_near_range_limit():
         initial_state=d32["init"],
         return_final_state=True,
     )
-    y_ref, final_ref = ssd_reference(
-        d["x"], d["dt"], d["A"], d["B"], d["C"], initial_state=d["init"]
-    )
+    y_ref, final_ref = ssd_naive(d["x"], d["dt"], d["A"], d["B"], d["C"], initial_state=d["init"])
     assert ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-5
     assert ((final.double() - final_ref).norm() / final_ref.norm()).item() < 1e-5
 
@@ -360,7 +311,7 @@ def test_bf16_autocast_keeps_state_float32():
         )
     assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
     assert torch.isfinite(final).all() and torch.isfinite(y.float()).all()
-    y_ref, final_ref = ssd_reference(
+    y_ref, final_ref = ssd_naive(
         d["x"].bfloat16(),
         d["dt"],
         d["A"],

@@ -1,9 +1,4 @@
-"""Mamba-1 selective scan: two-level chunked PyTorch implementation and dispatch.
-
-Per channel ``d`` and state ``n`` (B/C shared by all channels, or per channel group):
-
-    h_t[d, n] = exp(delta_t[d] * A[d, n]) * h_{t-1}[d, n] + delta_t[d] * B_t[n] * u_t[d]
-    y_t[d]    = sum_n C_t[n] * h_t[d, n] + D[d] * u_t[d]
+"""The two-level chunked selective scan in plain PyTorch: prefill, training and the CPU path.
 
 A has a separate decay per (d, n), so there is no matmul form as for SSD: the work is a walk
 over time on (d, n) states. The sequence may be cut into ``c`` chunks of ``T`` steps, every
@@ -29,16 +24,14 @@ Autograd through the unrolled loop would record ~10 ops per step and keep every 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ._common import clamped_exp, compute_dtype, effective_dt, exp_floor
-from .kernels import mamba_ssm_ops, needs_autograd, use_kernels
+from .._common import clamped_exp, compute_dtype, effective_dt, exp_floor, skip_and_gate
 
-__all__ = ["selective_scan", "selective_scan_step", "selective_scan_torch"]
+__all__ = ["selective_scan_torch"]
 
 # Elements per thread of one step's (batch, chunks, dim, d_state) tensors, below which several
 # chunks are stepped together: PyTorch splits an elementwise op across threads in pieces of
@@ -49,22 +42,6 @@ _STEP_ELEMS_PER_THREAD = 1 << 15
 # over the segment's steps. The backward keeps one state checkpoint per segment.
 _SEGMENT_ELEMS = 1 << 20
 _MIN_CHUNK = 16
-
-
-def _skip_and_gate(
-    y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
-) -> torch.Tensor:
-    """y + D * u, then * silu(z); channels last: y, u, z (..., dim), D (dim,).
-
-    In place on ``y``, a fresh tensor, when autograd is off.
-    """
-    inplace = not needs_autograd(y, u, D, z)
-    if D is not None:
-        y = y.addcmul_(u, D.to(y.dtype)) if inplace else torch.addcmul(y, u, D.to(y.dtype))
-    if z is not None:
-        gate = F.silu(z.to(y.dtype))
-        y = y.mul_(gate) if inplace else y * gate
-    return y
 
 
 def _chunk_count(batch: int, seqlen: int, state_size: int) -> int:
@@ -460,185 +437,7 @@ def selective_scan_torch(
         if pad:
             y = y[:, :seqlen]
         zf = None if z is None else z.transpose(1, 2)
-        y = _skip_and_gate(y, uf, D, zf).to(u.dtype).transpose(1, 2)
+        y = skip_and_gate(y, uf, D, zf).to(u.dtype).transpose(1, 2)
     if return_final_state:
         return y, final
     return y
-
-
-def selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: torch.Tensor | None = None,
-    return_final_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Mamba-1 selective scan with the semantics of mamba_ssm's ``selective_scan_fn``.
-
-    Args:
-        u: (batch, dim, seqlen).
-        delta: (batch, dim, seqlen), raw; effective delta = softplus(delta + delta_bias) if
-            delta_softplus else delta + delta_bias.
-        A: (dim, d_state), negative.
-        B, C: (batch, d_state, seqlen), or (batch, ngroups, d_state, seqlen) where channel d
-            uses group d // (dim // ngroups).
-        D: (dim,) skip connection, or None.
-        z: (batch, dim, seqlen) gate, y * silu(z), or None.
-        delta_bias: (dim,) or None.
-        initial_state: (batch, dim, d_state) or None (zeros). The CUDA kernel has no initial
-            state, so passing one always takes the PyTorch path.
-        return_final_state: also return the state after the last step.
-
-    Returns:
-        y: (batch, dim, seqlen) in u's dtype (possibly a transposed view, see
-        :func:`selective_scan_torch`), and if requested final_state: (batch, dim, d_state) in
-        float32 (float64 for float64 inputs).
-    """
-    ops = None
-    if initial_state is None and use_kernels(u, delta, A, B, C):
-        ops = mamba_ssm_ops()
-    if ops is not None:
-        # The kernel expects fp32 parameters (as mamba_ssm's own Mamba block passes them).
-        return ops.selective_scan_fn(
-            u,
-            delta,
-            A.float(),
-            B,
-            C,
-            D=None if D is None else D.float(),
-            z=z,
-            delta_bias=None if delta_bias is None else delta_bias.float(),
-            delta_softplus=delta_softplus,
-            return_last_state=return_final_state,
-        )
-    return selective_scan_torch(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D=D,
-        z=z,
-        delta_bias=delta_bias,
-        delta_softplus=delta_softplus,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-    )
-
-
-def selective_scan_step(
-    state: torch.Tensor,
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of :func:`selective_scan` (functional: ``state`` is not modified).
-
-    On CUDA, without autograd and with no float64 input, this calls mamba_ssm's
-    ``selective_state_update`` on a copy of ``state``.
-
-    Args:
-        state: (batch, dim, d_state), float32 (or float64).
-        u, delta: (batch, dim); z: (batch, dim) or None.
-        A: (dim, d_state).
-        B, C: (batch, d_state) or (batch, ngroups, d_state).
-        D, delta_bias, delta_softplus: as in :func:`selective_scan`.
-
-    Returns:
-        y: (batch, dim) in u's dtype, new_state: like ``state`` (same dtype), a new tensor.
-    """
-    tensors = (state, u, delta, A, B, C, D, z, delta_bias)
-    if (
-        use_kernels(*tensors)
-        and compute_dtype(*tensors) == torch.float32
-        and not needs_autograd(*tensors)
-    ):
-        ops = mamba_ssm_ops()
-        if ops is not None:
-            return _selective_scan_step_kernel(
-                ops, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus
-            )
-    batch, dim = u.shape
-    d_state = A.shape[-1]
-    Bg = B.unsqueeze(1) if B.dim() == 2 else B
-    Cg = C.unsqueeze(1) if C.dim() == 2 else C
-    ngroups = Bg.shape[1]
-    rep = dim // ngroups
-    dtype = compute_dtype(state, u, delta, A, B, C)
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        uf = u.to(dtype)
-        dl = effective_dt(delta.to(dtype), delta_bias, delta_softplus)
-        decay = clamped_exp(dl.unsqueeze(-1) * A.to(dtype), inplace=True)  # (b, d, n)
-        inp = (dl * uf).view(batch, ngroups, rep, 1) * Bg.to(dtype).unsqueeze(2)
-        new_state = torch.addcmul(inp.view(batch, dim, d_state), decay, state.to(dtype))
-        grouped = new_state.view(batch, ngroups, rep, d_state)
-        y = torch.matmul(grouped, Cg.to(dtype).unsqueeze(-1)).view(batch, dim)
-        y = _skip_and_gate(y, uf, D, z).to(u.dtype)
-    return y, new_state.to(state.dtype)
-
-
-def _selective_scan_step_kernel(
-    ops: SimpleNamespace,
-    state: torch.Tensor,
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`selective_scan_step` through ``selective_state_update``.
-
-    Shared B/C use the kernel's single-head form: state (batch, dim, d_state), u/delta/z
-    (batch, dim), A (dim, d_state), B/C (batch, d_state), D/delta_bias (dim,). Grouped B/C
-    (batch, ngroups, d_state) use the multi-head form with one "head" per group: state
-    (batch, ngroups, dim // ngroups, d_state), and so on; the state is a view of the copy.
-    """
-    batch, dim = u.shape
-    d_state = A.shape[-1]
-    # Some mamba_ssm 2.x releases raise a TypeError for D=None or dt_bias=None (their stride
-    # arguments unpack ``*... else 0``); zeros are exact no-ops.
-    if D is None:
-        D = u.new_zeros(dim)
-    if delta_bias is None:
-        delta_bias = delta.new_zeros(dim)
-    # The kernel updates its state argument in place; contiguous so that it can be viewed.
-    new_state = state.clone(memory_format=torch.contiguous_format)
-    A = A.float()
-    if B.dim() == 2:
-        y = ops.selective_state_update(
-            new_state, u, delta, A, B, C, D=D, z=z, dt_bias=delta_bias, dt_softplus=delta_softplus
-        )
-        return y, new_state
-    ngroups = B.shape[1]
-    heads = (batch, ngroups, dim // ngroups)
-    y = ops.selective_state_update(
-        new_state.view(*heads, d_state),
-        u.reshape(heads),
-        delta.reshape(heads),
-        A.reshape(*heads[1:], d_state),
-        B,
-        C,
-        D=D.reshape(heads[1:]),
-        z=None if z is None else z.reshape(heads),
-        dt_bias=delta_bias.reshape(heads[1:]),
-        dt_softplus=delta_softplus,
-    )
-    return y.reshape(batch, dim), new_state

@@ -1,14 +1,9 @@
-"""Mamba-2 state space duality (SSD) scan: chunked PyTorch implementation and dispatch.
+"""The chunked SSD scan in plain PyTorch: prefill, training and the CPU path.
 
-Per head ``h`` (using B/C group ``h // (nheads // ngroups)``), with ``a_t = exp(dt_t * A_h)``:
-
-    state_t = a_t * state_{t-1} + dt_t * outer(x_t, B_t)     # (headdim, d_state)
-    y_t     = state_t @ C_t + D_h * x_t
-
-The chunked algorithm splits the sequence into chunks of ``Q`` tokens. Inside a chunk the
-recurrence is unrolled into a masked (Q, Q) "attention" matrix ``(C_i . B_j) * exp(cs_i - cs_j)``
-(``cs`` = cumulative sum of ``dt * A``) applied to ``dt * x`` with a matmul; across chunks only
-the (headdim, d_state) states are carried. Memory is O(seqlen * Q), never O(seqlen^2).
+The sequence splits into chunks of ``Q`` tokens. Inside a chunk the recurrence is unrolled into
+a masked (Q, Q) "attention" matrix ``(C_i . B_j) * exp(cs_i - cs_j)`` (``cs`` = cumulative sum
+of ``dt * A``) applied to ``dt * x`` with a matmul; across chunks only the (headdim, d_state)
+states are carried. Memory is O(seqlen * Q), never O(seqlen^2).
 
 For heads whose decay over a chunk is moderate, exp(cs_i - cs_j) is split into per-position
 factors so the within-chunk part becomes one large matmul per chunk shared by all heads of a
@@ -20,42 +15,23 @@ slower.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
-from ._common import NO_LIMIT, clamped_exp, compute_dtype, effective_dt, exp_floor
-from .kernels import mamba_ssm_ops, needs_autograd, use_kernels
+from .._common import NO_LIMIT, clamped_exp, compute_dtype, effective_dt, exp_floor, skip_and_gate
+from ..kernels import needs_autograd
 
-__all__ = ["ssd_chunked_torch", "ssd_scan", "ssd_step"]
+__all__ = ["ssd_chunked_torch"]
 
-# The chunk size changes only the speed, never the result. The PyTorch path's (Q, Q) work per
-# head makes chunks above 128 slower on CPU (1.3-3x at 256, measured), so the dispatcher caps
-# them there; the Triton kernel keeps the configured size.
-TORCH_MAX_CHUNK = 128
 # Largest within-chunk decay range (max - min of cumsum(dt * A)) of a head for which the
 # factorised within-chunk path is used: its factors exp(+-range / 2) stay far from overflow and
 # underflow (float32: e^30 ~ 1e13). Heads with faster decay take the segment-sum path.
 _FACTOR_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 
 
-def _skip_and_gate(
-    y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
-) -> torch.Tensor:
-    """y + D * x, then * silu(z); in place on ``y``, a fresh tensor, when autograd is off.
-
-    y, x, z: (..., nheads, headdim); D: (nheads,) or (nheads, headdim).
-    """
-    inplace = not needs_autograd(y, x, D, z)
-    if D is not None:
-        Dv = D.to(y.dtype)
-        Dv = Dv.unsqueeze(-1) if Dv.dim() == 1 else Dv
-        y = y.addcmul_(x, Dv) if inplace else torch.addcmul(y, x, Dv)
-    if z is not None:
-        gate = F.silu(z.to(y.dtype))
-        y = y.mul_(gate) if inplace else y * gate
-    return y
+def _head_skip(D: torch.Tensor | None) -> torch.Tensor | None:
+    """D (nheads,) or (nheads, headdim), shaped to scale (..., nheads, headdim) tensors."""
+    return D.unsqueeze(-1) if D is not None and D.dim() == 1 else D
 
 
 def _decay(log_decay: torch.Tensor) -> torch.Tensor:
@@ -306,180 +282,8 @@ def ssd_chunked_torch(
         y = y.reshape(batch, nchunks * Q, nheads, headdim)
         if pad:
             y = y[:, :seqlen]
-        y = _skip_and_gate(y, xf, D, z).to(x.dtype)
+        y = skip_and_gate(y, xf, _head_skip(D), z).to(x.dtype)
         final = final.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, d_state)
     if return_final_state:
         return y, final
     return y
-
-
-def ssd_scan(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = NO_LIMIT,
-    initial_state: torch.Tensor | None = None,
-    return_final_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Mamba-2 SSD scan with the semantics of mamba_ssm's ``mamba_chunk_scan_combined``.
-
-    Args:
-        x: (batch, seqlen, nheads, headdim).
-        dt: (batch, seqlen, nheads), raw; effective dt = softplus(dt + dt_bias) if dt_softplus
-            else dt + dt_bias, then clamped to dt_limit unless it is (0, inf).
-        A: (nheads,), negative.
-        B, C: (batch, seqlen, ngroups, d_state); head h uses group h // (nheads // ngroups).
-        chunk_size: chunk length of the chunked algorithm (does not change the result; the
-            PyTorch path uses at most TORCH_MAX_CHUNK).
-        D: (nheads,) or (nheads, headdim) skip connection, or None.
-        z: (batch, seqlen, nheads, headdim) gate, y * silu(z), or None.
-        dt_bias: (nheads,) or None.
-        initial_state: (batch, nheads, headdim, d_state) or None (zeros).
-        return_final_state: also return the state after the last token.
-
-    Returns:
-        y: (batch, seqlen, nheads, headdim) in x's dtype, and if requested final_state:
-        (batch, nheads, headdim, d_state) in float32 (float64 for float64 inputs).
-    """
-    ops = mamba_ssm_ops() if use_kernels(x, dt, A, B, C) else None
-    if ops is not None:
-        return ops.mamba_chunk_scan_combined(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            chunk_size,
-            D=D,
-            z=z,
-            dt_bias=dt_bias,
-            initial_states=initial_state,
-            dt_softplus=dt_softplus,
-            dt_limit=dt_limit,
-            return_final_states=return_final_state,
-        )
-    return ssd_chunked_torch(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size=min(chunk_size, TORCH_MAX_CHUNK),
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        dt_softplus=dt_softplus,
-        dt_limit=dt_limit,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-    )
-
-
-def ssd_step(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = NO_LIMIT,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of :func:`ssd_scan` (functional: ``state`` is not modified).
-
-    On CUDA, without autograd, with dt_limit = (0, inf) and no float64 input, this calls
-    mamba_ssm's ``selective_state_update`` (which has no dt_limit clamp) on a copy of ``state``.
-
-    Args:
-        state: (batch, nheads, headdim, d_state), float32 (or float64).
-        x: (batch, nheads, headdim).
-        dt: (batch, nheads), raw (same transform as ssd_scan).
-        A: (nheads,).
-        B, C: (batch, ngroups, d_state).
-        D, z, dt_bias, dt_softplus, dt_limit: as in :func:`ssd_scan`; z is (batch, nheads, headdim).
-
-    Returns:
-        y: (batch, nheads, headdim) in x's dtype, new_state: like ``state`` (same dtype), a new
-        tensor.
-    """
-    tensors = (state, x, dt, A, B, C, D, z, dt_bias)
-    if (
-        tuple(dt_limit) == NO_LIMIT
-        and use_kernels(*tensors)
-        and compute_dtype(*tensors) == torch.float32
-        and not needs_autograd(*tensors)
-    ):
-        ops = mamba_ssm_ops()
-        if ops is not None:
-            return _ssd_step_kernel(ops, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    batch, nheads, headdim = x.shape
-    ngroups, d_state = B.shape[-2:]
-    rep = nheads // ngroups
-    dtype = compute_dtype(state, x, dt, A, B, C)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        xf = x.to(dtype)
-        dtf = effective_dt(dt.to(dtype), dt_bias, dt_softplus, dt_limit)
-        decay = _decay(dtf * A.to(dtype)).view(batch, nheads, 1, 1)
-        xdt = (xf * dtf.unsqueeze(-1)).view(batch, ngroups, rep, headdim, 1)
-        inp = (xdt * B.to(dtype).view(batch, ngroups, 1, 1, d_state)).view_as(state)
-        new_state = torch.addcmul(inp, state.to(dtype), decay)
-        grouped = new_state.view(batch, ngroups, rep * headdim, d_state)
-        y = torch.matmul(grouped, C.to(dtype).unsqueeze(-1)).view(batch, nheads, headdim)
-        y = _skip_and_gate(y, xf, D, z).to(x.dtype)
-    return y, new_state.to(state.dtype)
-
-
-def _ssd_step_kernel(
-    ops: SimpleNamespace,
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`ssd_step` through ``selective_state_update`` in its multi-head form.
-
-    Per-head scalars are broadcast over headdim (and d_state) with stride-0 expands, as
-    mamba_ssm's ``Mamba2.step`` does: the kernel detects them and loads one dt and A per head.
-    Shapes passed: state (batch, nheads, headdim, d_state), x/dt/z (batch, nheads, headdim),
-    A (nheads, headdim, d_state), B/C (batch, ngroups, d_state), D/dt_bias (nheads, headdim).
-    """
-    batch, nheads, headdim = x.shape
-    d_state = state.shape[-1]
-    # Some mamba_ssm 2.x releases raise a TypeError for D=None or dt_bias=None (their stride
-    # arguments unpack ``*... else 0``); zeros are exact no-ops.
-    if D is None:
-        D = x.new_zeros(nheads)
-    if dt_bias is None:
-        dt_bias = dt.new_zeros(nheads)
-    new_state = state.clone()  # the kernel updates its state argument in place
-    y = ops.selective_state_update(
-        new_state,
-        x,
-        dt.unsqueeze(-1).expand(batch, nheads, headdim),
-        A.float().view(nheads, 1, 1).expand(nheads, headdim, d_state),
-        B,
-        C,
-        D=D.unsqueeze(-1).expand(nheads, headdim) if D.dim() == 1 else D,
-        z=z,
-        dt_bias=dt_bias.unsqueeze(-1).expand(nheads, headdim),
-        dt_softplus=dt_softplus,
-    )
-    return y, new_state

@@ -1,0 +1,117 @@
+"""Where the causal conv runs: causal-conv1d's kernels on CUDA when they import, else PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import causal_conv1d_ops, needs_autograd, use_kernels
+from .sequence import _check_activation, _tail, causal_conv1d_torch
+from .step import causal_conv1d_step_torch
+
+__all__ = ["causal_conv1d", "causal_conv1d_step"]
+
+# causal-conv1d only compiles kernels for these filter widths.
+_KERNEL_WIDTHS = (2, 3, 4)
+# ... and these input and weight dtypes.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv: ``y[:, d, t] = bias[d] + sum_k weight[d, k] * xx[:, d, t + k]``.
+
+    ``xx`` is ``initial_state | x`` (zeros in place of ``initial_state`` when it is None).
+
+    Args:
+        x: (batch, dim, seqlen).
+        weight: (dim, width).
+        bias: (dim,) or None.
+        activation: None or "silu".
+        initial_state: (batch, dim, width - 1), the inputs preceding ``x``; zeros if None.
+        return_final_state: also return the last ``width - 1`` inputs of ``initial_state | x``.
+
+    Returns:
+        y: (batch, dim, seqlen) in x's dtype, and if requested final_state:
+        (batch, dim, width - 1) in x's dtype. On the PyTorch path y keeps x's memory layout
+        (see :func:`causal_conv1d_torch`).
+    """
+    silu = _check_activation(activation)
+    dim, width = weight.shape
+    if x.shape[1] != dim:
+        raise ValueError(f"x has {x.shape[1]} channels but weight has {dim}")
+
+    ops = causal_conv1d_ops() if initial_state is None and width in _KERNEL_WIDTHS else None
+    if ops is not None and use_kernels(x, weight):
+        # The kernel needs channel-last strides for initial/final states; we only call it
+        # without states and slice the final state ourselves, which is exact and cheap.
+        y = ops.causal_conv1d_fn(x, weight, bias, activation="silu" if silu else None)
+        if return_final_state:
+            return y, _tail(x, width - 1)
+        return y
+
+    return causal_conv1d_torch(
+        x,
+        weight,
+        bias,
+        activation=activation,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
+
+
+def causal_conv1d_step(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of :func:`causal_conv1d`.
+
+    On CUDA, without autograd, for widths 2-4, with x and conv_state of one dtype (float32,
+    float16 or bfloat16) and bias of the weight's dtype, this calls causal-conv1d's
+    ``causal_conv1d_update`` on a copy of ``conv_state``.
+
+    Args:
+        x: (batch, dim), the new input.
+        conv_state: (batch, dim, width - 1), the previous ``width - 1`` inputs (not modified).
+        weight: (dim, width).
+        bias: (dim,) or None.
+        activation: None or "silu".
+
+    Returns:
+        y: (batch, dim) in x's dtype, new_state: (batch, dim, width - 1) in conv_state's dtype,
+        a new tensor.
+    """
+    silu = _check_activation(activation)
+    if (
+        weight.shape[1] in _KERNEL_WIDTHS
+        and x.dtype == conv_state.dtype
+        and x.dtype in _KERNEL_DTYPES
+        and weight.dtype in _KERNEL_DTYPES
+        and (bias is None or bias.dtype == weight.dtype)
+        and use_kernels(x, conv_state, weight, bias)
+        and not needs_autograd(x, conv_state, weight, bias)
+    ):
+        ops = causal_conv1d_ops()
+        if ops is not None:
+            # causal-conv1d >= 1.4 accepts any state length >= width - 1 (older versions
+            # wanted exactly width columns) and shifts the state in place.
+            new_state = conv_state.clone()
+            y = ops.causal_conv1d_update(
+                x,
+                new_state,
+                weight,
+                None if bias is None else bias.contiguous(),
+                "silu" if silu else None,
+            )
+            return y, new_state
+    return causal_conv1d_step_torch(x, conv_state, weight, bias, activation=activation)

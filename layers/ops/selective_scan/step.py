@@ -1,0 +1,50 @@
+"""One token of the selective-scan recurrence in plain PyTorch (decoding on CPU, or with
+autograd)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._common import clamped_exp, compute_dtype, effective_dt, skip_and_gate
+
+__all__ = ["selective_scan_step_torch"]
+
+
+def selective_scan_step_torch(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the selective-scan recurrence in plain PyTorch: what
+    :func:`selective_scan_step` runs when the kernel does not (CPU, autograd, float64).
+    Functional: ``state`` is not modified.
+
+    Same arguments and results as :func:`selective_scan_step`: state (batch, dim, d_state),
+    u (batch, dim) -> y like u, new_state like state. Computes in float32 (float64 for float64
+    inputs) with autocast disabled.
+    """
+    batch, dim = u.shape
+    d_state = A.shape[-1]
+    Bg = B.unsqueeze(1) if B.dim() == 2 else B
+    Cg = C.unsqueeze(1) if C.dim() == 2 else C
+    ngroups = Bg.shape[1]
+    rep = dim // ngroups
+    dtype = compute_dtype(state, u, delta, A, B, C)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        uf = u.to(dtype)
+        dl = effective_dt(delta.to(dtype), delta_bias, delta_softplus)
+        decay = clamped_exp(dl.unsqueeze(-1) * A.to(dtype), inplace=True)  # (b, d, n)
+        inp = (dl * uf).view(batch, ngroups, rep, 1) * Bg.to(dtype).unsqueeze(2)
+        new_state = torch.addcmul(inp.view(batch, dim, d_state), decay, state.to(dtype))
+        grouped = new_state.view(batch, ngroups, rep, d_state)
+        y = torch.matmul(grouped, Cg.to(dtype).unsqueeze(-1)).view(batch, dim)
+        y = skip_and_gate(y, uf, D, z).to(u.dtype)
+    return y, new_state.to(state.dtype)

@@ -1,0 +1,116 @@
+"""What Mamba-1 and Mamba-2 carry between calls, and the causal conv that reads and writes it.
+
+Both blocks pass their scan input through a depthwise causal conv and a SiLU. Their cache entry
+is the conv window (the last ``d_conv - 1`` inputs) and the scan's recurrent state; a sequence
+fed in pieces (prefill chunks, then one token at a time) gives the outputs of one full call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from layers.base import CacheEntry, dtype_bytes
+from layers.ops import causal_conv1d, causal_conv1d_step
+
+
+@dataclass
+class SSMCache(CacheEntry):
+    """Inference state of one Mamba sublayer: the conv window and the recurrent state.
+
+    Attributes:
+        conv_state: (batch, conv_dim, d_conv - 1), the last inputs of the causal conv, in the
+            model's dtype.
+        ssm_state: float32; Mamba-2 (batch, nheads, headdim, d_state), Mamba-1
+            (batch, d_inner, d_state).
+    """
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+    @classmethod
+    def zeros(
+        cls,
+        batch_size: int,
+        conv_dim: int,
+        d_conv: int,
+        state_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> SSMCache:
+        """An empty entry: conv window in ``dtype``, state (batch_size, *state_shape) in float32.
+
+        The state is float64 for float64 models: it accumulates over the whole sequence.
+        """
+        return cls(
+            conv_state=torch.zeros(batch_size, conv_dim, d_conv - 1, dtype=dtype, device=device),
+            ssm_state=torch.zeros(
+                batch_size,
+                *state_shape,
+                dtype=torch.promote_types(dtype, torch.float32),
+                device=device,
+            ),
+        )
+
+    @staticmethod
+    def sequence_bytes(conv_dim: int, d_conv: int, state_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one sequence's entry: the conv window in ``dtype``, ``state_size`` float32s."""
+        return conv_dim * (d_conv - 1) * dtype_bytes(dtype) + state_size * 4
+
+
+def depthwise_conv(channels: int, d_conv: int, bias: bool) -> nn.Conv1d:
+    """The block's short conv, laid out as mamba_ssm's (and transformers') ``conv1d``.
+
+    Only its weight (channels, 1, d_conv) and bias are used (by :func:`causal_conv_silu`); the
+    padding is there for checkpoint and module compatibility.
+    """
+    return nn.Conv1d(channels, channels, d_conv, groups=channels, padding=d_conv - 1, bias=bias)
+
+
+def causal_conv_silu(
+    x: torch.Tensor,
+    conv: nn.Conv1d,
+    cache: SSMCache | None,
+    valid: torch.Tensor | None,
+    step: bool,
+) -> torch.Tensor:
+    """``silu(causal depthwise conv(x))``, continuing ``cache``'s conv window and updating it.
+
+    Args:
+        x: (batch, seqlen, channels).
+        conv: from :func:`depthwise_conv`.
+        cache: the block's entry, or None (training, a forward without cache).
+        valid: (batch, seqlen, 1) bool, False at left padding, or None (all real).
+        step: one token per row, with a cache and no padding: the window is updated in place
+            (fixed addresses, as CUDA graphs need); otherwise it is replaced.
+
+    Returns:
+        (batch, seqlen, channels), zero at padding positions.
+    """
+    if valid is not None:
+        x = x * valid  # padding never enters the conv window
+    weight = rearrange(conv.weight, "d 1 w -> d w")
+    if step:
+        out, conv_state = causal_conv1d_step(
+            x[:, 0], cache.conv_state, weight, conv.bias, activation="silu"
+        )
+        cache.conv_state.copy_(conv_state)
+        return out[:, None, :]
+    out = causal_conv1d(
+        x.transpose(1, 2),
+        weight,
+        conv.bias,
+        activation="silu",
+        initial_state=None if cache is None else cache.conv_state,
+        return_final_state=cache is not None,
+    )
+    if cache is not None:
+        out, conv_state = out
+        cache.conv_state = conv_state.to(cache.conv_state.dtype)
+    out = out.transpose(1, 2)
+    if valid is not None:
+        out = out * valid  # the conv bias must not turn padding into input
+    return out
