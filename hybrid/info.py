@@ -11,7 +11,7 @@ import torch
 from hybrid.config import HybridConfig
 from hybrid.model import HybridLM
 from hybrid.overrides import apply_overrides
-from hybrid.recipe import MQARDataConfig, Recipe, TokenizerConfig, read_recipe_file
+from hybrid.recipe import Recipe, parse_recipe, read_recipe_file, vocab_size
 from layers.registry import get_block
 
 
@@ -69,24 +69,11 @@ def load_model_config(
         if not isinstance(data, dict):
             raise ValueError(f"{source}: model: expected a mapping")
         if "model" in recipe and "vocab_size" not in data:
-            data = {**data, "vocab_size": recipe_vocab_size(recipe)}
+            data = {**data, "vocab_size": vocab_size(parse_recipe(recipe))}
     else:
         data = {"pattern": source}
     data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
     return HybridConfig.from_dict(apply_overrides(data, overrides or []))
-
-
-def recipe_vocab_size(recipe: dict[str, Any]) -> int:
-    """The vocabulary a recipe's data gives its model: a synthetic task's own, else the
-    tokenizer's (bytes: 256 + end-of-document; BPE: its ``vocab_size``)."""
-    data = recipe.get("data") or {}
-    if (data.get("source") or {}).get("format") == "mqar":
-        mqar = MQARDataConfig.model_validate(data.get("mqar") or {})
-        return mqar.vocab_size
-    tokenizer = recipe.get("tokenizer") or {}
-    if tokenizer.get("kind", "byte") == "byte":
-        return 257
-    return int(tokenizer.get("vocab_size", TokenizerConfig.model_fields["vocab_size"].default))
 
 
 def describe(config: HybridConfig, context: int, dtype: torch.dtype = torch.bfloat16) -> ModelInfo:

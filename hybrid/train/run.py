@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hybrid.recipe import Recipe, recipe_to_yaml
+from hybrid.recipe import Recipe, recipe_to_yaml, vocab_size
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -222,13 +222,14 @@ def build_data(recipe: Recipe) -> pl.LightningDataModule:
 
 
 def model_config(recipe: Recipe, tokenizer: Tokenizer) -> HybridConfig:
-    """The model section as a config, its vocabulary filled from ``tokenizer``.
+    """The model section as a config, its vocabulary :func:`~hybrid.recipe.vocab_size` unless
+    the section sets one.
 
     Raises:
         RecipeError: a bad model field.
         TrainError: a ``model.vocab_size`` too small for the tokenizer's ids.
     """
-    config = recipe.hybrid_config(tokenizer.vocab_size)
+    config = recipe.hybrid_config(vocab_size(recipe, tokenizer))
     if config.vocab_size < tokenizer.vocab_size:
         raise TrainError(
             f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's "
