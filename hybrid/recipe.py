@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hybrid.config import HybridConfig
 from hybrid.overrides import apply_overrides, load_yaml
+from hybrid.tokenizer import ByteTokenizer
+
+if TYPE_CHECKING:
+    from hybrid.tokenizer import Tokenizer
 
 
 class Section(BaseModel):
@@ -220,6 +224,25 @@ class Recipe(Section):
         return self.model_dump(mode="json")
 
 
+def vocab_size(recipe: Recipe, tokenizer: Tokenizer | None = None) -> int:
+    """The vocabulary the recipe's ids span, which its model takes unless ``model.vocab_size``
+    says otherwise (see :meth:`Recipe.hybrid_config`).
+
+    Once the run has its ``tokenizer``, that tokenizer's: a BPE trained on a corpus with too
+    few distinct pairs has fewer ids than asked for, and one loaded from ``tokenizer.path``
+    (or adopted from ``init_from``) has its own. Without it, the one the recipe asks for: a
+    synthetic MQAR task's ``data.mqar.vocab_size``, else the tokenizer section's (bytes: 256 +
+    end of document; BPE: its ``vocab_size``).
+    """
+    if tokenizer is not None:
+        return tokenizer.vocab_size
+    if recipe.data.source.format == "mqar":
+        return recipe.data.mqar.vocab_size
+    if recipe.tokenizer.kind == "byte":
+        return ByteTokenizer.vocab_size
+    return recipe.tokenizer.vocab_size
+
+
 class RecipeError(ValueError):
     """A recipe problem, as one line naming the file or field."""
 
@@ -256,22 +279,27 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return validate_recipe(data)
 
 
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """A :class:`Recipe` from plain data, every section checked against the schema except the
+    model section (a free-form mapping here; :func:`validate_recipe` checks it too).
+
+    Raises:
+        RecipeError: one line naming the field.
+    """
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(describe_validation_error(error)) from None
+
+
 def validate_recipe(data: dict[str, Any]) -> Recipe:
     """A :class:`Recipe` from plain data; the model section is checked by building its config.
 
     Raises:
         RecipeError: one line naming the field.
     """
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as error:
-        raise RecipeError(describe_validation_error(error)) from None
-    model = dict(recipe.model)
-    model.setdefault("vocab_size", 512)  # the tokenizer sets it later; checked here for shape
-    try:
-        HybridConfig.from_dict(model)
-    except ValueError as error:
-        raise RecipeError(f"model.{error}") from None
+    recipe = parse_recipe(data)
+    recipe.hybrid_config(vocab_size(recipe))  # before any tokenizer exists: the one asked for
     return recipe
 
 
@@ -336,21 +364,8 @@ def load_model_config(
         if not isinstance(data, dict):
             raise ValueError(f"{source}: model: expected a mapping")
         if "model" in recipe and "vocab_size" not in data:
-            data = {**data, "vocab_size": recipe_vocab_size(recipe)}
+            data = {**data, "vocab_size": vocab_size(parse_recipe(recipe))}
     else:
         data = {"pattern": source}
     data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
     return HybridConfig.from_dict(apply_overrides(data, overrides or []))
-
-
-def recipe_vocab_size(recipe: dict[str, Any]) -> int:
-    """The vocabulary a recipe's data gives its model: a synthetic task's own, else the
-    tokenizer's (bytes: 256 + end-of-document; BPE: its ``vocab_size``)."""
-    data = recipe.get("data") or {}
-    if (data.get("source") or {}).get("format") == "mqar":
-        mqar = MQARDataConfig.model_validate(data.get("mqar") or {})
-        return mqar.vocab_size
-    tokenizer = recipe.get("tokenizer") or {}
-    if tokenizer.get("kind", "byte") == "byte":
-        return 257
-    return int(tokenizer.get("vocab_size", TokenizerConfig.model_fields["vocab_size"].default))

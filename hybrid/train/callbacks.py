@@ -3,9 +3,7 @@ Ctrl-C checkpoint, and atomic checkpoint files."""
 
 from __future__ import annotations
 
-import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,6 +13,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+from hybrid.atomic import atomic_path, stale_temporaries
 
 # Dense bf16 peak FLOP/s by device name fragment (no sparsity), for MFU on GPU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -118,37 +118,23 @@ class StopAndSave(pl.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same directory, fsyncs it and
-    ``os.replace``-s it onto the target, so a kill at any moment leaves either the previous
-    complete file or the new complete file (Lightning's own transaction stages the file in the
-    system temp directory and moves it, which is a non-atomic copy across filesystems)."""
+    """Writes each checkpoint through :func:`hybrid.atomic.atomic_path` (a temporary file
+    beside the target, fsynced and renamed onto it), so a kill at any moment leaves either the
+    previous complete file or the new complete file (Lightning's own transaction stages the
+    file in the system temp directory and moves it, which is a non-atomic copy across
+    filesystems)."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        with atomic_path(path) as temporary:
+            torch.save(checkpoint, temporary)
 
 
 def remove_stale_temporaries(directory: Path) -> None:
-    """Deletes temporary files that a killed save left behind in ``directory``."""
-    for temp in Path(directory).glob(".*.ckpt.*.tmp"):
-        temp.unlink(missing_ok=True)
+    """Deletes temporary files that a killed checkpoint save left behind in ``directory``."""
+    for temporary in stale_temporaries(directory, "*.ckpt"):
+        temporary.unlink(missing_ok=True)
 
 
 class StepProgressBar(TQDMProgressBar):

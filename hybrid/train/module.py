@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.config import HybridConfig
+from hybrid.labels import IGNORE_INDEX
 from hybrid.model import HybridLM
 from hybrid.recipe import Recipe
 from hybrid.train.optim import build_optimizer, lr_multiplier
 
 CHECKPOINT_KEY = "hybrid"  # our metadata inside a Lightning checkpoint
-IGNORE_INDEX = -100  # targets that take no loss
 
 
 class NonFiniteLossError(RuntimeError):

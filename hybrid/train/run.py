@@ -19,11 +19,19 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hybrid.recipe import Recipe, recipe_to_yaml
+from hybrid.recipe import Recipe, recipe_to_yaml, vocab_size
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from hybrid.config import HybridConfig
+    from hybrid.tokenizer import Tokenizer
+    from hybrid.train.callbacks import StopAndSave
+    from hybrid.train.module import HybridLightningModule
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -91,108 +99,262 @@ def train(
 def _train(
     recipe: Recipe, *, resume: bool, progress_bar: bool, callbacks: list | None
 ) -> TrainResult:
+    """The phases of a run, in order: every check before the data is prepared, the data
+    before the model, the model before the trainer."""
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.utilities import rank_zero_only
 
-    from hybrid.data import HybridDataModule
-    from hybrid.data.synthetic import MQARDataModule, PasskeyDataModule
-    from hybrid.train.callbacks import (
-        AtomicCheckpointIO,
-        StepProgressBar,
-        StopAndSave,
-        Throughput,
-        remove_stale_temporaries,
-    )
-    from hybrid.train.initial_weights import (
-        check_init_source,
-        initial_weights,
-        with_source_tokenizer,
-    )
-    from hybrid.train.module import HybridLightningModule
-    from hybrid.train.tracking import build_loggers
+    from hybrid.train.callbacks import StopAndSave
 
     _quiet_lightning()
-    run_dir = recipe.run_dir
+    check_run_dir(recipe, resume=resume)
+    check_strategy(recipe)
+    recipe = prepare_init_from(recipe, resume=resume)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+
+    data = build_data(recipe)
+    config = model_config(recipe, data.tokenizer)
+    if resume:
+        check_resumable(last_checkpoint(recipe), config)
+    start_weights = None if resume else initial_weights_of(recipe, config)
+
+    write_run_dir(recipe, data.tokenizer)
+    module = build_module(recipe, config, start_weights)
+    loggers, wandb_mode = start_tracking(recipe, module, data.stats, resume=resume)
+    announce_run(recipe, module, data.stats, wandb_mode, resume=resume)
+
+    stopper = StopAndSave(last_checkpoint(recipe), recipe.checkpoint.every_steps)
+    trainer = build_trainer(recipe, config, loggers, stopper, progress_bar, callbacks or [])
+    ckpt_path = last_checkpoint(recipe) if resume else None
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    if stopper.stopped_step is not None:
+        unigram = data.stats["unigram_val_loss"]
+        return TrainResult(
+            recipe.run_dir, stopper.stopped_step, None, unigram, None, interrupted=True
+        )
+    return finish_run(recipe, trainer, module, data, loggers, wandb_mode)
+
+
+def _is_child_process() -> bool:
+    """Whether this process is one that Lightning's DDP launcher started (a rank other than
+    the first on its node, or a node other than the first)."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def check_run_dir(recipe: Recipe, *, resume: bool) -> None:
+    """A resumed run needs ``last.ckpt``; a new one must not overwrite a run already there.
+
+    Raises:
+        TrainError: one line naming the checkpoint or the run directory.
+    """
     last = last_checkpoint(recipe)
-    is_child = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
     if resume and not last.is_file():
         raise TrainError(f"{last}: no checkpoint to resume from")
-    if not resume and last.is_file() and not is_child:
+    if not resume and last.is_file() and not _is_child_process():
         raise TrainError(
-            f"{run_dir}: already holds a run; add --resume to continue it, or set name=... "
-            "or output_dir=... for a new one"
+            f"{recipe.run_dir}: already holds a run; add --resume to continue it, or set "
+            "name=... or output_dir=... for a new one"
         )
+
+
+def _on_gpu(recipe: Recipe) -> bool:
+    """Whether the run's accelerator is a CUDA device."""
     accelerator = recipe.trainer.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if recipe.trainer.strategy == "fsdp" and not on_gpu:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def check_strategy(recipe: Recipe) -> None:
+    """Refuses a strategy the accelerator cannot run.
+
+    Raises:
+        TrainError: ``trainer.strategy: ...``.
+    """
+    if recipe.trainer.strategy == "fsdp" and not _on_gpu(recipe):
         raise TrainError(
             "trainer.strategy: fsdp needs CUDA devices (Lightning's FSDP does not run on CPU); "
             "use ddp"
         )
-    if recipe.init_from and not resume:
-        try:
-            check_init_source(recipe.init_from)
-        except ValueError as error:
-            raise TrainError(f"init_from: {error}") from None
-        recipe = with_source_tokenizer(recipe)
-    pl.seed_everything(recipe.seed, workers=True, verbose=False)
 
-    trainer_config = recipe.trainer
+
+def prepare_init_from(recipe: Recipe, *, resume: bool) -> Recipe:
+    """For a run that starts from ``init_from`` weights (not a resumed one): checks that the
+    source exists and returns the recipe with the source's tokenizer (see
+    :func:`~hybrid.train.initial_weights.with_source_tokenizer`); else ``recipe`` itself.
+
+    Raises:
+        TrainError: ``init_from: ...`` naming the path.
+    """
+    from hybrid.train.initial_weights import check_init_source, with_source_tokenizer
+
+    if not recipe.init_from or resume:
+        return recipe
+    try:
+        check_init_source(recipe.init_from)
+    except ValueError as error:
+        raise TrainError(f"init_from: {error}") from None
+    return with_source_tokenizer(recipe)
+
+
+def build_data(recipe: Recipe) -> pl.LightningDataModule:
+    """The run's data module, prepared: its ``tokenizer`` and ``stats`` are set (a BPE
+    tokenizer trained or loaded, the corpus tokenized, or a synthetic task's examples made).
+
+    Raises:
+        DataError: one line naming the source or field.
+    """
+    import datasets
+
+    from hybrid.data import HybridDataModule
+    from hybrid.data.synthetic import MQARDataModule, PasskeyDataModule
+
     synthetic = {"mqar": MQARDataModule, "passkey": PasskeyDataModule}
     data_module = synthetic.get(recipe.data.source.format, HybridDataModule)
     data = data_module(
         recipe.data,
         recipe.tokenizer,
         seed=recipe.seed,
-        micro_batch_size=trainer_config.micro_batch_size,
-        grad_accum=trainer_config.grad_accum,
-        run_dir=run_dir,
+        micro_batch_size=recipe.trainer.micro_batch_size,
+        grad_accum=recipe.trainer.grad_accum,
+        run_dir=recipe.run_dir,
     )
-    import datasets
-
     datasets.disable_progress_bars()  # our own progress bar and one-line errors only
     data.prepare()
-    tokenizer = data.tokenizer
-    config = recipe.hybrid_config(tokenizer.vocab_size)
+    return data
+
+
+def model_config(recipe: Recipe, tokenizer: Tokenizer) -> HybridConfig:
+    """The model section as a config, its vocabulary :func:`~hybrid.recipe.vocab_size` unless
+    the section sets one.
+
+    Raises:
+        RecipeError: a bad model field.
+        TrainError: a ``model.vocab_size`` too small for the tokenizer's ids.
+    """
+    config = recipe.hybrid_config(vocab_size(recipe, tokenizer))
     if config.vocab_size < tokenizer.vocab_size:
         raise TrainError(
             f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size}"
         )
-    if resume:
-        check_resumable(last, config)
-    start_weights = None
-    if recipe.init_from and not resume:
-        try:
-            start_weights = initial_weights(recipe.init_from, config)
-        except ValueError as error:
-            raise TrainError(f"init_from: {error}") from None
+    return config
 
+
+def initial_weights_of(recipe: Recipe, config: HybridConfig) -> dict[str, torch.Tensor] | None:
+    """The ``init_from`` state dict for a model of ``config``; None without ``init_from``.
+
+    Raises:
+        TrainError: ``init_from: ...`` naming the first parameter that does not fit.
+    """
+    from hybrid.train.initial_weights import initial_weights
+
+    if not recipe.init_from:
+        return None
+    try:
+        return initial_weights(recipe.init_from, config)
+    except ValueError as error:
+        raise TrainError(f"init_from: {error}") from None
+
+
+def write_run_dir(recipe: Recipe, tokenizer: Tokenizer) -> None:
+    """Creates the run directory; rank 0 removes what a killed save left in ``checkpoints/``
+    and writes ``recipe.yaml`` and the tokenizer."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from hybrid.train.callbacks import remove_stale_temporaries
+
+    run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         tokenizer.save(run_dir)
-    tokenizer_json = _tokenizer_json(run_dir)
-    module = HybridLightningModule(config, recipe, tokenizer_json)
+
+
+def build_module(
+    recipe: Recipe, config: HybridConfig, start_weights: dict[str, torch.Tensor] | None
+) -> HybridLightningModule:
+    """The LightningModule (its model initialised, or loaded with ``start_weights``), carrying
+    the run's ``tokenizer.json`` for its checkpoints."""
+    from hybrid.train.module import HybridLightningModule
+
+    module = HybridLightningModule(config, recipe, _tokenizer_json(recipe.run_dir))
     if start_weights is not None:
         module.model.load_state_dict(start_weights)
+    return module
 
-    loggers, wandb_mode = build_loggers(recipe.logging, run_dir, recipe.name, resume=resume)
+
+def start_tracking(
+    recipe: Recipe, module: HybridLightningModule, stats: dict, *, resume: bool
+) -> tuple[list, str | None]:
+    """The run's loggers (see :func:`~hybrid.train.tracking.build_loggers`), each given
+    :func:`run_summary` as hyperparameters; and the W&B mode (None when W&B is off)."""
+    from hybrid.train.tracking import build_loggers
+
+    loggers, wandb_mode = build_loggers(recipe.logging, recipe.run_dir, recipe.name, resume=resume)
     for logger in loggers:
-        logger.log_hyperparams(run_summary(recipe, module, data.stats))
+        logger.log_hyperparams(run_summary(recipe, module, stats))
+    return loggers, wandb_mode
 
-    precision = trainer_config.precision
+
+def announce_run(
+    recipe: Recipe,
+    module: HybridLightningModule,
+    stats: dict,
+    wandb_mode: str | None,
+    *,
+    resume: bool,
+) -> None:
+    """Prints :func:`describe_run` (rank 0 only)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(describe_run(recipe, module, stats, tokens_per_step(recipe), wandb_mode, resume))
+
+
+def tokens_per_step(recipe: Recipe) -> int:
+    """Tokens in one optimizer step over all devices."""
+    trainer = recipe.trainer
+    world = trainer.devices * trainer.num_nodes
+    return trainer.micro_batch_size * trainer.grad_accum * world * recipe.data.seq_len
+
+
+def _precision(recipe: Recipe) -> str:
+    """``trainer.precision``, with ``auto`` resolved: bf16 mixed where the GPU has bf16, else
+    float32."""
+    precision = recipe.trainer.precision
     if precision == "auto":
-        precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-    world = trainer_config.devices * trainer_config.num_nodes
-    tokens_per_step = (
-        trainer_config.micro_batch_size * trainer_config.grad_accum * world * recipe.data.seq_len
-    )
-    stopper = StopAndSave(last, recipe.checkpoint.every_steps)
+        return "bf16-mixed" if _on_gpu(recipe) and torch.cuda.is_bf16_supported() else "32-true"
+    return precision
+
+
+def _strategy(recipe: Recipe) -> Any:
+    """``trainer.strategy`` as Lightning takes it: DDP off the GPU talks over gloo."""
+    strategy: Any = recipe.trainer.strategy
+    if strategy == "ddp" and not _on_gpu(recipe):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo")
+    return strategy
+
+
+def build_trainer(
+    recipe: Recipe,
+    config: HybridConfig,
+    loggers: list,
+    stopper: StopAndSave,
+    progress_bar: bool,
+    callbacks: list,
+) -> pl.Trainer:
+    """The Lightning trainer of the recipe's ``trainer`` section, with its callbacks in this
+    order: step checkpoints (plus ``last.ckpt``, written atomically), throughput, ``stopper``,
+    the progress bar (with ``progress_bar``), then ``callbacks``."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from hybrid.train.callbacks import AtomicCheckpointIO, StepProgressBar, Throughput
+
+    trainer_config = recipe.trainer
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / CHECKPOINT_DIR,
+        dirpath=recipe.run_dir / CHECKPOINT_DIR,
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=recipe.checkpoint.every_steps,
@@ -201,19 +363,16 @@ def _train(
         mode="max",
         save_last=True,
     )
-    if rank_zero_only.rank == 0:
-        print(describe_run(recipe, module, data.stats, tokens_per_step, wandb_mode, resume))
-    strategy: Any = trainer_config.strategy
-    if strategy == "ddp" and not on_gpu:
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = DDPStrategy(process_group_backend="gloo")
-    trainer = pl.Trainer(
-        accelerator=accelerator,
+    throughput = Throughput(
+        tokens_per_step(recipe), training_flops_per_token(config, recipe.data.seq_len)
+    )
+    progress = [StepProgressBar(progress_every(trainer_config.log_every))] if progress_bar else []
+    return pl.Trainer(
+        accelerator=trainer_config.accelerator,
         devices=trainer_config.devices,
         num_nodes=trainer_config.num_nodes,
-        strategy=strategy,
-        precision=precision,
+        strategy=_strategy(recipe),
+        precision=_precision(recipe),
         max_steps=trainer_config.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=trainer_config.grad_accum,
@@ -224,34 +383,42 @@ def _train(
         num_sanity_val_steps=0,
         log_every_n_steps=trainer_config.log_every,
         logger=loggers,
-        callbacks=[
-            checkpoints,
-            Throughput(tokens_per_step, training_flops_per_token(config, recipe.data.seq_len)),
-            stopper,
-            *([StepProgressBar(progress_every(trainer_config.log_every))] if progress_bar else []),
-            *(callbacks or []),
-        ],
+        callbacks=[checkpoints, throughput, stopper, *progress, *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(recipe.run_dir),
     )
-    trainer.fit(module, datamodule=data, ckpt_path=last if resume else None, weights_only=True)
-    unigram = data.stats["unigram_val_loss"]
-    if stopper.stopped_step is not None:
-        return TrainResult(run_dir, stopper.stopped_step, None, unigram, None, interrupted=True)
 
+
+def finish_run(
+    recipe: Recipe,
+    trainer: pl.Trainer,
+    module: HybridLightningModule,
+    data: pl.LightningDataModule,
+    loggers: list,
+    wandb_mode: str | None,
+) -> TrainResult:
+    """After a run that reached ``max_steps``: the final validation loss; rank 0 exports the
+    generation-ready ``model/`` directory, samples the eval prompt and closes an offline W&B
+    run."""
     metrics = trainer.validate(module, datamodule=data, verbose=False)
     val_loss = metrics[0].get("val/loss") if metrics else None
     sample = wandb_offline_dir = None
     if trainer.is_global_zero:
         model = module.model.float().cpu().eval()
-        export_model(model, tokenizer, run_dir / "model")
-        sample = sample_completion(model, tokenizer, recipe)
+        export_model(model, data.tokenizer, recipe.run_dir / "model")
+        sample = sample_completion(model, data.tokenizer, recipe)
         wandb_offline_dir = finish_wandb(loggers) if wandb_mode == "offline" else None
+    unigram = data.stats["unigram_val_loss"]
     return TrainResult(
-        run_dir, trainer.global_step, val_loss, unigram, sample, wandb_offline_dir=wandb_offline_dir
+        recipe.run_dir,
+        trainer.global_step,
+        val_loss,
+        unigram,
+        sample,
+        wandb_offline_dir=wandb_offline_dir,
     )
 
 
