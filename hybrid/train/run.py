@@ -259,13 +259,14 @@ def write_run_dir(recipe: Recipe, tokenizer: Tokenizer) -> None:
     and writes ``recipe.yaml`` and the tokenizer."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from hybrid.atomic import atomic_write_text
     from hybrid.train.callbacks import remove_stale_temporaries
 
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
         tokenizer.save(run_dir)
 
 

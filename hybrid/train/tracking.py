@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from hybrid.atomic import atomic_write_text
 from hybrid.recipe import LoggingConfig
 
 WANDB_ID_FILE = "wandb_id"
@@ -75,5 +76,5 @@ def build_loggers(
         )
     )
     if rank_zero_only.rank == 0:  # DDP children must not replace the id
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
     return loggers, mode

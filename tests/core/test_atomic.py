@@ -106,3 +106,30 @@ def test_a_killed_write_leaves_the_old_file_and_a_findable_temporary(tmp_path):
     leftovers = stale_temporaries(tmp_path, "*.ckpt")
     assert len(leftovers) == 1 and leftovers[0].read_bytes() == b"half"
     assert stale_temporaries(tmp_path, "*.json") == []
+
+
+def test_the_package_writes_files_only_through_the_atomic_writer():
+    """No ``path.write_text`` / ``write_bytes`` / ``open(path, "w")`` in hybrid/ outside
+    hybrid/atomic.py: every file a later step reads is written whole or not at all."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "hybrid"
+    plain = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "atomic.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            function = node.func
+            name = (
+                function.attr
+                if isinstance(function, ast.Attribute)
+                else getattr(function, "id", "")
+            )
+            mode = next((a.value for a in node.args[1:2] if isinstance(a, ast.Constant)), "r")
+            if name in ("write_text", "write_bytes") or (
+                name == "open" and isinstance(mode, str) and any(c in mode for c in "wax")
+            ):
+                plain.append(f"{path.relative_to(root.parent)}:{node.lineno} {name}")
+    assert plain == []
