@@ -233,7 +233,9 @@ class KVCache(CacheEntry):
         slot = (position if self.window is None else position % self.window).view(1)
         self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
         self.values.index_copy_(2, slot, v.to(self.values.dtype))
-        self.key_index.index_fill_(1, slot, position)
+        # index_copy_, not index_fill_ with a tensor value: that one reads the value back to
+        # the host (.item()), a sync that CUDA-graph capture forbids.
+        self.key_index.index_copy_(1, slot, position.view(1, 1).expand(self.key_index.shape[0], 1))
         self.valid.index_fill_(1, slot, True)
         visible = (self.key_index >= 0) & (self.key_index <= position) & self.valid
         if self.window is not None:

@@ -28,9 +28,13 @@ process holds a core, every region waits for its threads to be scheduled, and on
 numbers; pass ``--threads 0`` to keep torch's default on a dedicated machine.
 
 Then ``--warmup`` decode steps are run untimed and ``--steps`` timed one by one; the median is
-reported as ms/token. Cache bytes are reported for L tokens from ``hybrid.accounting.describe``; the
-allocated cache's ``nbytes`` (capacity L + warm-up + steps) is checked against ``describe`` at
-that capacity.
+reported as ms/token. A step (``--step``) is the model's forward with the cache (``forward``,
+the default), its static ``decode_step`` (``static``: the shapes ``torch.compile`` and CUDA
+graphs need), or that step recorded once and replayed as a CUDA graph (``cuda-graph``,
+:class:`hybrid.inference.cuda_graph.CUDAGraphDecodeStep`; a step includes copying the token in
+and the logits out). Cache bytes are reported for L tokens from ``hybrid.accounting.describe``;
+the allocated cache's ``nbytes`` (capacity L + warm-up + steps) is checked against ``describe``
+at that capacity.
 
 Speculative decoding (``--speculative``, the default; ``--no-speculative`` skips it): tokens/s
 of ``hybrid.inference.speculative_generate`` with the hybrid above as target, greedy, against
@@ -54,7 +58,7 @@ is recorded and makes the script exit non-zero after writing its outputs.
 
 Usage: python scripts/bench_decode.py [--contexts 1024 2048 ... 32768] [--steps 16]
     [--warmup 4] [--fill random|prefill] [--chunk 2048] [--device cpu|cuda]
-    [--dtype float32] [--threads 1] [--out docs/bench_decode]
+    [--dtype float32] [--threads 1] [--step forward|static|cuda-graph] [--out docs/bench_decode]
     [--speculative | --no-speculative] [--spec-k 2 4 8] [--spec-prompt 128] [--spec-new 64]
     [--spec-repeats 5] [--spec-warmup 1]
 Writes OUT.json, OUT.md (markdown tables) and OUT.png (two panels), and prints the tables.
@@ -77,6 +81,7 @@ from hybrid import HybridConfig, HybridLM, pattern_from_periods
 from hybrid.accounting import describe
 from hybrid.eval.decode import fill_prefill, fill_random, time_decode
 from hybrid.inference.cache import HybridCache
+from hybrid.inference.cuda_graph import CUDAGraphDecodeStep
 from hybrid.inference.speculative import speculative_generate
 from hybrid.model import HybridOutput
 
@@ -138,7 +143,9 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
                 fill_prefill(model, cache, context, args.chunk)
             sync()
             fill_seconds = time.perf_counter() - start
-            times = time_decode(model, cache, args.warmup, args.steps, sync)
+            times = time_decode(
+                model, cache, args.warmup, args.steps, sync, decode_step(args, model)
+            )
             quartiles = statistics.quantiles(times, n=4)
             at_context = describe(config, context, dtype).cache_bytes
             at_capacity = describe(config, capacity, dtype).cache_bytes
@@ -172,6 +179,22 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     if args.speculative:
         results["speculative"] = bench_speculative(args, device, dtype, models[SPEC_TARGET][1])
     return results
+
+
+STEP_LABELS = {
+    "forward": "the model's forward with the cache",
+    "static": "the static `decode_step`",
+    "cuda-graph": "the static `decode_step` replayed as one CUDA graph",
+}
+
+
+def decode_step(args: argparse.Namespace, model: HybridLM):
+    """What ``--step`` times: None for the model's forward, else a static decode step."""
+    if args.step == "forward":
+        return None
+    if args.step == "static":
+        return model.decode_step
+    return CUDAGraphDecodeStep(model.decode_step)
 
 
 class OracleDraft(torch.nn.Module):
@@ -420,7 +443,8 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [
         f"## Decode ms/token and cache size vs context ({meta['date']}, {meta['device']})",
         "",
-        f"Batch 1, {meta['dtype']} weights and cache, median of {meta['steps']} decode steps after "
+        f"Batch 1, {meta['dtype']} weights and cache, median of {meta['steps']} decode steps "
+        f"({STEP_LABELS[meta.get('step', 'forward')]}) after "
         f"{meta['warmup']} warm-up steps. Cache filled to L by "
         + (
             "writing it directly (random keys/values in the first L KV slots, random SSM "
@@ -531,6 +555,13 @@ def main() -> None:
         default=1,
         help="CPU threads (default 1: see the module docstring; 0 keeps torch's default)",
     )
+    parser.add_argument(
+        "--step",
+        choices=("forward", "static", "cuda-graph"),
+        default="forward",
+        help="what a timed step runs: the model's forward with the cache (default), its static "
+        "decode_step, or that step replayed as a CUDA graph (CUDA only)",
+    )
     parser.add_argument("--out", default="docs/bench_decode")
     parser.add_argument(
         "--speculative",
@@ -552,6 +583,8 @@ def main() -> None:
         parser.error("need positive --spec-k, --spec-prompt, --spec-new and --spec-repeats")
     if args.spec_warmup < 0:
         parser.error("need --spec-warmup >= 0")
+    if args.step == "cuda-graph" and not args.device.startswith("cuda"):
+        parser.error("--step cuda-graph: needs --device cuda")
     args.spec_k = sorted(set(args.spec_k))
     args.contexts = sorted(set(args.contexts))
     device = torch.device(args.device)
@@ -572,6 +605,7 @@ def main() -> None:
         "vocab_size": VOCAB,
         "steps": args.steps,
         "warmup": args.warmup,
+        "step": args.step,
         "fill": args.fill,
         "fill_description": (
             "cache written directly: random keys/values in the first L KV slots (key_index "

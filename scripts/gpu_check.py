@@ -8,6 +8,7 @@ Runs, in order, each as its own process with its own time limit cut to what is l
     bench-blocks  scripts/bench_blocks.py --device cuda (and mamba_ssm's MambaLMHeadModel)
     bench-train   scripts/bench_blocks.py --train --device cuda
     bench-decode  scripts/bench_decode.py --device cuda (ms/token against context length)
+    bench-decode-graph  the same with --step cuda-graph (the step replayed as a CUDA graph)
     bench-vs-hf   scripts/bench_vs_hf.py --device cuda (kernels on both sides)
 
 and writes into ``--out`` (default docs/gpu): each step's log, the benchmarks' JSON + markdown,
@@ -110,6 +111,15 @@ STEPS = [
         python("scripts/bench_decode.py --device cuda --threads 0 --out {out}/bench_decode"),
         90,
         "decode ms/token against context length",
+    ),
+    Step(
+        "bench-decode-graph",
+        python(
+            "scripts/bench_decode.py --device cuda --threads 0 --step cuda-graph "
+            "--no-speculative --out {out}/bench_decode_cuda_graph"
+        ),
+        45,
+        "the same decode with the static step replayed as a CUDA graph",
     ),
     Step(
         "bench-vs-hf",

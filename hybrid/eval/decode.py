@@ -69,15 +69,26 @@ def time_decode(
     warmup: int,
     steps: int,
     sync: Callable[[], None],
+    step: Callable[[torch.Tensor, HybridCache, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
-    """Seconds of each of ``steps`` single-token decode steps, after ``warmup`` untimed ones."""
+    """Seconds of each of ``steps`` single-token decode steps, after ``warmup`` untimed ones.
+
+    A step is ``model(token, cache=cache)`` (the general forward), or with ``step`` (such as
+    ``model.decode_step`` or a :class:`hybrid.inference.cuda_graph.CUDAGraphDecodeStep` of it)
+    ``step(token, cache, position)`` followed by ``cache.advance``, timed together.
+    """
     device = model.embedding.weight.device
-    tokens = torch.randint(0, model.config.vocab_size, (warmup + steps, 1, 1), device=device)
+    tokens = torch.randint(0, model.config.vocab_size, (warmup + steps, cache.batch_size, 1),
+                           device=device)  # fmt: skip
     times = []
     for i in range(warmup + steps):
         sync()
         start = time.perf_counter()
-        logits = model(tokens[i], cache=cache).logits
+        if step is None:
+            logits = model(tokens[i], cache=cache).logits
+        else:
+            logits = step(tokens[i], cache, torch.tensor(cache.length, device=device))
+            cache.advance(1, None)
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from hybrid.inference.cache import HybridCache
+from hybrid.inference.cuda_graph import CUDAGraphDecodeStep
 from hybrid.inference.sampling import SamplingConfig, count_tokens, sample, update_counts
 
 
@@ -83,6 +84,17 @@ def check_prompt(
     return max_seqlen or needed
 
 
+def check_cuda_graph(device: torch.device, compile: bool | str) -> None:
+    """Raise a one-line ValueError unless ``cuda_graph=True`` can work with these settings."""
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs the model and input_ids on CUDA; they are on {device}")
+    if compile in ("reduce-overhead", "max-autotune"):  # the torch.compile modes with CUDA graphs
+        raise ValueError(
+            f"cuda_graph: compile={compile!r} makes CUDA graphs itself; use compile=True "
+            "(or 'max-autotune-no-cudagraphs') with cuda_graph=True"
+        )
+
+
 def prefill(
     model: DecodingModel,
     input_ids: torch.Tensor,
@@ -115,13 +127,16 @@ def stream(
     max_seqlen: int | None = None,
     prefill_chunk_size: int | None = None,
     compile: bool | str = False,
+    cuda_graph: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the new tokens one step at a time, (batch,) each.
 
     A row that produced a stop token is finished: it yields ``pad_token_id`` afterwards.
     The stream ends after ``max_new_tokens`` steps or when every row is finished. Decoding
     runs the model's ``decode_step`` (static shapes); ``compile=True`` (or a
-    ``torch.compile`` mode such as ``"reduce-overhead"``) compiles it first.
+    ``torch.compile`` mode such as ``"reduce-overhead"``) compiles it first. ``cuda_graph=True``
+    (CUDA only) records the step, compiled or not, as one CUDA graph after the prefill and
+    replays it per token (:class:`hybrid.inference.cuda_graph.CUDAGraphDecodeStep`).
     """
     if not 0 <= pad_token_id < model.config.vocab_size:
         raise ValueError(
@@ -130,6 +145,8 @@ def stream(
     sampling = sampling or SamplingConfig(temperature=0.0)
     capacity = check_prompt(model, input_ids, max_new_tokens, attention_mask, max_seqlen)
     device = input_ids.device
+    if cuda_graph:
+        check_cuda_graph(device, compile)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stops = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
     penalised = (
@@ -148,6 +165,8 @@ def stream(
             decode = model.compiled_decode_step(None if compile is True else compile)
         else:
             decode = model.decode_step
+        if cuda_graph:
+            decode = CUDAGraphDecodeStep(decode)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = sample(logits, sampling, generator, counts)
@@ -183,10 +202,12 @@ def generate(
     max_seqlen: int | None = None,
     prefill_chunk_size: int | None = None,
     compile: bool | str = False,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """The prompt followed by the new tokens, (batch, prompt_length + new).
 
-    ``temperature`` 0 is greedy. ``compile`` compiles the decode step (see :func:`stream`).
+    ``temperature`` 0 is greedy. ``compile`` compiles the decode step and ``cuda_graph``
+    replays it as a CUDA graph (see :func:`stream`).
     ``num_beams`` > 1 runs beam search (greedy scoring by
     summed log-probabilities; sampling options must stay at their defaults). The number of
     new tokens is ``max_new_tokens`` unless every row stopped earlier.
@@ -207,6 +228,11 @@ def generate(
     if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
         raise ValueError(f"num_beams: must be a positive integer; got {num_beams!r}")
     if num_beams > 1:
+        if compile or cuda_graph:
+            raise ValueError(
+                "num_beams: beam search reorders its cache every step through the model's "
+                "forward; compile and cuda_graph apply to the static decode step only"
+            )
         if sampling != SamplingConfig(temperature=0.0):
             raise ValueError(
                 "num_beams: beam search scores by log-probability; leave the "
@@ -222,6 +248,7 @@ def generate(
             model, input_ids, max_new_tokens, attention_mask=attention_mask, sampling=sampling,
             stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, seed=seed,
             max_seqlen=max_seqlen, prefill_chunk_size=prefill_chunk_size, compile=compile,
+            cuda_graph=cuda_graph,
         )
     )  # fmt: skip
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
