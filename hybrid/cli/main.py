@@ -148,6 +148,8 @@ def run_train(args: argparse.Namespace) -> int:
         )
     if result.sample is not None:
         print(f"sample:\n{result.sample}")
+    if result.loss_curve is not None:
+        print(f"loss curve: {result.loss_curve}")
     print(f"run directory: {result.run_dir}")
     if result.wandb_offline_dir is not None:
         print(f"W&B ran offline; upload the run with: wandb sync {result.wandb_offline_dir}")

@@ -180,3 +180,70 @@ class StepProgressBar(TQDMProgressBar):
         if "tok/s" in metrics:
             metrics["tok/s"] = f"{float(metrics['tok/s']):.0f}"
         return metrics
+
+
+class DurationEstimate(pl.Callback):
+    """Says once, in words, how long the run will take, from the first timed steps.
+
+    The first ``skip`` steps are not timed (allocations, lazy initialisation); the next
+    ``measure`` are. The estimate covers the remaining steps and the validations still due
+    (each ``val_batches`` forward passes, counted as a third of a training micro-batch each).
+    The line goes through the progress bar's writer, so a bar on the terminal stays intact.
+    """
+
+    def __init__(
+        self, *, val_every: int, val_batches: int, grad_accum: int, skip: int = 1,
+        measure: int = 4, write=None,
+    ) -> None:  # fmt: skip
+        self.val_every = val_every
+        self.val_batches = val_batches
+        self.grad_accum = grad_accum
+        self.skip = skip
+        self.measure = measure
+        self.write = write
+        self._first_step: int | None = None  # where this session started (resumes too)
+        self._start: tuple[int, float] | None = None
+        self.estimate_s: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self.estimate_s is not None or not trainer.is_global_zero:
+            return
+        step, now = trainer.global_step, time.perf_counter()
+        if self._first_step is None:
+            self._first_step = step - 1
+        if self._start is None:
+            if step >= self._first_step + self.skip:
+                self._start = (step, now)
+            return
+        start_step, start_time = self._start
+        if step - start_step < self.measure:
+            return
+        per_step = (now - start_time) / (step - start_step)
+        remaining = max(trainer.max_steps - step, 0)
+        validations = remaining // self.val_every + 1  # plus the final one
+        per_validation = self.val_batches * per_step / (3 * self.grad_accum)
+        self.estimate_s = remaining * per_step + validations * per_validation
+        message = (
+            f"estimated time to finish: {human_duration(self.estimate_s)} "
+            f"({remaining} more steps at {per_step:.2f} s/step, {validations} validation"
+            f"{'s' * (validations != 1)})"
+        )
+        (self.write or _write_line)(message)
+
+
+def _write_line(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)
+
+
+def human_duration(seconds: float) -> str:
+    """95 -> 'about 1 min 35 s'; 40 -> 'about 40 s'; 4000 -> 'about 1 h 7 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"about {seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"about {minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"about {hours} h {minutes} min"

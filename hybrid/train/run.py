@@ -52,6 +52,7 @@ class TrainResult:
     sample: str | None
     interrupted: bool = False
     wandb_offline_dir: Path | None = None  # an offline W&B run, for `wandb sync`
+    loss_curve: Path | None = None  # RUN/loss_curve.png
 
 
 def last_checkpoint(recipe: Recipe) -> Path:
@@ -347,11 +348,16 @@ def build_trainer(
 ) -> pl.Trainer:
     """The Lightning trainer of the recipe's ``trainer`` section, with its callbacks in this
     order: step checkpoints (plus ``last.ckpt``, written atomically), throughput, ``stopper``,
-    the progress bar (with ``progress_bar``), then ``callbacks``."""
+    the progress bar (with ``progress_bar``), the duration estimate, then ``callbacks``."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from hybrid.train.callbacks import AtomicCheckpointIO, StepProgressBar, Throughput
+    from hybrid.train.callbacks import (
+        AtomicCheckpointIO,
+        DurationEstimate,
+        StepProgressBar,
+        Throughput,
+    )
 
     trainer_config = recipe.trainer
     checkpoints = ModelCheckpoint(
@@ -368,6 +374,11 @@ def build_trainer(
         tokens_per_step(recipe), training_flops_per_token(config, recipe.data.seq_len)
     )
     progress = [StepProgressBar(progress_every(trainer_config.log_every))] if progress_bar else []
+    estimate = DurationEstimate(
+        val_every=trainer_config.val_every,
+        val_batches=trainer_config.val_batches,
+        grad_accum=trainer_config.grad_accum,
+    )
     return pl.Trainer(
         accelerator=trainer_config.accelerator,
         devices=trainer_config.devices,
@@ -384,7 +395,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         log_every_n_steps=trainer_config.log_every,
         logger=loggers,
-        callbacks=[checkpoints, throughput, stopper, *progress, *callbacks],
+        callbacks=[checkpoints, throughput, stopper, *progress, estimate, *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         enable_progress_bar=progress_bar,
@@ -404,15 +415,26 @@ def finish_run(
     """After a run that reached ``max_steps``: the final validation loss; rank 0 exports the
     generation-ready ``model/`` directory, samples the eval prompt and closes an offline W&B
     run."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from hybrid.train.curves import plot_loss_curve
+
     metrics = trainer.validate(module, datamodule=data, verbose=False)
     val_loss = metrics[0].get("val/loss") if metrics else None
-    sample = wandb_offline_dir = None
+    sample = wandb_offline_dir = loss_curve = None
+    unigram = data.stats["unigram_val_loss"]
     if trainer.is_global_zero:
         model = module.model.float().cpu().eval()
         export_model(model, data.tokenizer, recipe.run_dir / "model")
         sample = sample_completion(model, data.tokenizer, recipe)
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()  # flush the rows the curve is drawn from
+        loss_curve = plot_loss_curve(
+            recipe.run_dir, tokens_per_step(recipe), recipe.trainer.max_steps, unigram,
+            title=f"{recipe.name}: {module.config.pattern_string}",
+        )  # fmt: skip
         wandb_offline_dir = finish_wandb(loggers) if wandb_mode == "offline" else None
-    unigram = data.stats["unigram_val_loss"]
     return TrainResult(
         recipe.run_dir,
         trainer.global_step,
@@ -420,6 +442,7 @@ def finish_run(
         unigram,
         sample,
         wandb_offline_dir=wandb_offline_dir,
+        loss_curve=loss_curve,
     )
 
 
