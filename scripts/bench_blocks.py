@@ -287,6 +287,9 @@ def markdown(results: dict, meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="forward + backward per block")
+    parser.add_argument(
+        "--matmul-only", action="store_true", help="print the fp32 matmul rate and stop"
+    )
     parser.add_argument("--seqlen", type=int, help="default 2048, with --train 512")
     parser.add_argument("--batch", type=int, default=8, help="--train only")
     parser.add_argument("--d-model", type=int, default=256, help="--train only")
@@ -295,6 +298,12 @@ def main() -> None:
     parser.add_argument("--out", help="default docs/bench_blocks, with --train ..._train")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.matmul_only:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        rate = matmul_rate(device, args.repeats, sync)
+        threads = "" if device.type == "cuda" else f" on {torch.get_num_threads()} threads"
+        print(f"fp32 matmul (2048^3): {rate / 1e9:.0f} GFLOP/s{threads}")
+        return
     seqlen = args.seqlen or (512 if args.train else 2048)
     meta = {
         "date": date.today().isoformat(),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quick start's main job: set up, train the quick-start recipe on this Python's standard
-# library sources (about 10 minutes on 2 CPU cores), validate, and sample a completion.
+# library sources (about 5 minutes on a slow 2-core machine, README), validate, sample a
+# completion and draw the loss curve.
 # Run again, it continues the same run (--resume) and samples again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

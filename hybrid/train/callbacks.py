@@ -4,6 +4,7 @@ Ctrl-C checkpoint, and atomic checkpoint files."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -188,7 +189,7 @@ class DurationEstimate(pl.Callback):
     The first ``skip`` steps are not timed (allocations, lazy initialisation); the next
     ``measure`` are. The estimate covers the remaining steps and the validations still due
     (each ``val_batches`` forward passes, counted as a third of a training micro-batch each).
-    The line goes through the progress bar's writer, so a bar on the terminal stays intact.
+    On a terminal the line goes through the progress bar's writer, so the bar stays intact.
     """
 
     def __init__(
@@ -232,9 +233,15 @@ class DurationEstimate(pl.Callback):
 
 
 def _write_line(message: str) -> None:
-    from tqdm import tqdm
+    """On a terminal through tqdm (the bar is cleared and redrawn below the line); into a log
+    file as a line of its own (a redraw there would repeat the bar's last line)."""
+    if sys.stdout.isatty():
+        from tqdm import tqdm
 
-    tqdm.write(message)
+        tqdm.write(message)
+    else:
+        sys.stdout.write(f"\n{message}\n")
+        sys.stdout.flush()
 
 
 def human_duration(seconds: float) -> str:
