@@ -39,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid import HybridConfig, HybridLM
+from hybrid.eval.decode import device_sync
 from layers.base import BlockOutput
 from layers.registry import get_block
 
@@ -117,7 +118,7 @@ def make_block(name: str, d_model: int, device: torch.device) -> nn.Module:
 
 def bench_train(batch: int, seqlen: int, d_model: int, repeats: int, device: torch.device) -> dict:
     """Forward + backward median seconds of every block family, blocks interleaved per round."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     torch.manual_seed(0)
     x = torch.randn(batch, seqlen, d_model, device=device, requires_grad=True)
     steps = {}
@@ -170,7 +171,7 @@ def markdown_train(results: dict, meta: dict) -> str:
 
 
 def bench_cpu_and_gpu(seqlen: int, repeats: int, device: torch.device) -> dict:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     torch.manual_seed(0)
     results: dict = {"matmul_flops": matmul_rate(device, repeats, sync), "blocks": {}}
     d_model = HYBRID["d_model"]
@@ -299,8 +300,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.matmul_only:
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        rate = matmul_rate(device, args.repeats, sync)
+        rate = matmul_rate(device, args.repeats, device_sync(device))
         threads = "" if device.type == "cuda" else f" on {torch.get_num_threads()} threads"
         print(f"fp32 matmul (2048^3): {rate / 1e9:.0f} GFLOP/s{threads}")
         return

@@ -79,7 +79,7 @@ import torch
 
 from hybrid import HybridConfig, HybridLM, pattern_from_periods
 from hybrid.accounting import describe
-from hybrid.eval.decode import fill_prefill, fill_random, time_decode
+from hybrid.eval.decode import device_sync, fill_prefill, fill_random, time_decode
 from hybrid.inference.cache import HybridCache
 from hybrid.inference.cuda_graph import CUDAGraphDecodeStep
 from hybrid.inference.speculative import speculative_generate
@@ -117,7 +117,7 @@ def make_config(pattern: str) -> HybridConfig:
 
 def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """Every stack at every context: ms/token (median and quartiles) and cache bytes."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     generator = torch.Generator().manual_seed(0)
     results: dict = {"stacks": {}, "runs": []}
     models = {}
@@ -276,7 +276,7 @@ def bench_speculative(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, target: HybridLM
 ) -> dict:
     """Plain greedy decoding of ``target`` vs speculative decoding with each draft at each k."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     torch.manual_seed(1)
     draft_config = HybridConfig(pattern=DRAFT_PATTERN, vocab_size=VOCAB, d_model=DRAFT_D_MODEL)
     small = HybridLM(draft_config).to(device=device, dtype=dtype).eval()

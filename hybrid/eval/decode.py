@@ -97,9 +97,8 @@ def time_decode(
     return times
 
 
-def device_sync(model: HybridLM) -> Callable[[], None]:
-    """Waits for the model's device (CUDA kernels run asynchronously); nothing on CPU."""
-    device = model.embedding.weight.device
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """A call that waits for ``device`` (CUDA kernels run asynchronously); nothing on CPU."""
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
@@ -137,7 +136,7 @@ def run_decode(
     inference.check_context(
         model, "contexts", contexts, extra_tokens=warmup + steps, max_context=max_context
     )
-    sync = device_sync(model)
+    sync = device_sync(model.embedding.weight.device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dtype = model.embedding.weight.dtype
