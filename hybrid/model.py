@@ -193,19 +193,23 @@ class HybridLM(GenerationMixin, nn.Module):
         return HybridOutput(logits, aux_loss, router_stats)
 
     def decode_step(
-        self, tokens: torch.Tensor, cache: HybridCache, position: torch.Tensor
+        self, tokens: torch.Tensor, cache: HybridCache, position: int | torch.Tensor
     ) -> torch.Tensor:
-        """One decoding step with shapes that do not depend on the step.
+        """One decoding step: ``tokens`` (batch, 1) at absolute index ``position`` (equal to
+        ``cache.length``). Returns logits (batch, vocab_size).
 
-        ``tokens`` (batch, 1) sit at absolute index ``position`` (a 0-d int64 tensor equal to
-        ``cache.length``). Caches are updated in place and read whole with masks, so the step
-        can be compiled (``torch.compile``) or captured as a CUDA graph. It does not check the
-        ids nor advance ``cache.length`` / ``cache.real_lengths``: :meth:`HybridCache.advance`
-        does that after the call. Returns logits (batch, vocab_size).
+        With ``position`` an int (the eager step that ``generate`` runs by default) blocks take
+        their one-token paths and attention reads only the filled part of its cache. With a
+        0-d int64 tensor no shape depends on the step (caches are updated in place and read
+        whole with masks), so the step can be compiled (``torch.compile``) or captured as a
+        CUDA graph. Either way it does not check the ids nor advance ``cache.length`` /
+        ``cache.real_lengths``: :meth:`HybridCache.advance` does that after the call.
         """
-        context = TokenContext(
-            start=-1, positions=cache.real_lengths[:, None], static_start=position
-        )
+        positions = cache.real_lengths[:, None]
+        if isinstance(position, torch.Tensor):
+            context = TokenContext(-1, positions, static_start=position, decoding=True)
+        else:
+            context = TokenContext(position, positions, decoding=True)
         hidden = self.embedding(tokens)
         for sublayer, entry in zip(self.sublayers, cache.entries, strict=True):
             hidden, _ = sublayer(hidden, entry, context)

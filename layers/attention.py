@@ -263,6 +263,20 @@ class KVCache(CacheEntry):
             else torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
         )
         k, v = k.to(self.keys.dtype), v.to(self.values.dtype)  # the cache may be narrower
+        if self.window is None and n == 1 and context.valid is None:
+            # A decode step: every slot before ``start`` is filled, so the real-token flags
+            # are the whole mask.
+            self.keys[:, :, start] = k[:, :, 0]
+            self.values[:, :, start] = v[:, :, 0]
+            self.key_index[:, start] = start
+            self.valid[:, start] = True
+            return F.scaled_dot_product_attention(
+                q,
+                self.keys[:, :, : start + 1].to(q.dtype),
+                self.values[:, :, : start + 1].to(q.dtype),
+                attn_mask=self.valid[:, None, None, : start + 1],
+                enable_gqa=self.keys.shape[1] != q.shape[1],
+            )
         if self.window is None:
             end = start + n
             self.keys[:, :, start:end] = k

@@ -29,12 +29,16 @@ class TokenContext:
             (one token per row, no padding): blocks then update their cache in place and read
             it whole with masks, so no shape depends on the step — what ``torch.compile`` and
             CUDA graphs need.
+        decoding: a decode step at inference (one token per row, no padding; set with
+            ``static_start`` too): blocks may leave out what only training reads (MoE
+            auxiliary losses and router statistics) and read only the filled part of a cache.
     """
 
     start: int
     positions: torch.Tensor
     valid: torch.Tensor | None = None
     static_start: torch.Tensor | None = None
+    decoding: bool = False
 
 
 class CacheEntry:

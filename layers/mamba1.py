@@ -12,7 +12,7 @@ from torch import nn
 
 from layers.base import Block, TokenContext
 from layers.norm import RMSNorm, upcast
-from layers.ops import effective_dt, selective_scan, selective_scan_step
+from layers.ops import effective_dt, selective_scan, selective_scan_update
 from layers.options import require, require_positive_int
 from layers.registry import register_block
 from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv
@@ -114,11 +114,10 @@ class Mamba1(Block):
             dt_args = {}
         A = -torch.exp(upcast(self.A_log))
         if step:
-            y, ssm_state = selective_scan_step(
+            y = selective_scan_update(
                 cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, z=z[:, 0],
                 **dt_args,
             )  # fmt: skip
-            cache.ssm_state.copy_(ssm_state)
             return self.out_proj(y[:, None, :])
         y = selective_scan(
             x.transpose(1, 2),
@@ -133,7 +132,8 @@ class Mamba1(Block):
             **dt_args,
         )
         if cache is not None:
-            y, cache.ssm_state = y
+            y, final_state = y
+            cache.ssm_state.copy_(final_state)  # the buffer stays contiguous, in place
         return self.out_proj(y.transpose(1, 2))
 
     def allocate_cache(

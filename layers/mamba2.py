@@ -11,7 +11,7 @@ from torch import nn
 
 from layers.base import Block, TokenContext
 from layers.norm import GatedRMSNorm, upcast
-from layers.ops import effective_dt, ssd_scan, ssd_step
+from layers.ops import effective_dt, ssd_scan, ssd_update
 from layers.options import require, require_positive_int
 from layers.registry import register_block
 from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv
@@ -123,22 +123,21 @@ class Mamba2(Block):
         A = -torch.exp(upcast(self.A_log))
         group_width = opts.ngroups * opts.d_state
         if step:
-            # One decoding step: the recurrence directly, no chunking.
+            # One decoding step: the recurrence directly, on the cache's state in place.
+            batch = hidden.shape[0]
             x, B, C = xbc[:, 0].split([self.d_inner, group_width, group_width], -1)
-            y, ssm_state = ssd_step(
+            y = ssd_update(
                 cache.ssm_state,
-                rearrange(x, "b (h p) -> b h p", p=opts.headdim),
+                x.view(batch, self.nheads, opts.headdim),
                 dt[:, 0],
                 A,
-                rearrange(B, "b (g n) -> b g n", g=opts.ngroups),
-                rearrange(C, "b (g n) -> b g n", g=opts.ngroups),
+                B.view(batch, opts.ngroups, opts.d_state),
+                C.view(batch, opts.ngroups, opts.d_state),
                 D=self.D,
                 dt_bias=self.dt_bias,
                 dt_softplus=True,
                 dt_limit=opts.dt_limit,
-            )
-            cache.ssm_state.copy_(ssm_state)
-            y = rearrange(y, "b h p -> b 1 (h p)")
+            ).view(batch, 1, self.d_inner)
         else:
             dt_args = {"dt_bias": self.dt_bias, "dt_softplus": True, "dt_limit": opts.dt_limit}
             if valid is not None:
@@ -158,7 +157,8 @@ class Mamba2(Block):
                 **dt_args,
             )
             if cache is not None:
-                y, cache.ssm_state = y
+                y, final_state = y
+                cache.ssm_state.copy_(final_state)  # the buffer stays contiguous, in place
             y = rearrange(y, "b l h p -> b l (h p)")
         return self.out_proj(self.norm(y, z))
 

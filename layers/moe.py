@@ -206,6 +206,9 @@ class MoE(Block):
         opts = self.options
         tokens = hidden.reshape(-1, hidden.shape[-1])  # (n, d_model)
         logits, weights, indices = self.route(tokens)
+        if context is not None and context.decoding and tokens.shape[0] <= opts.top_k:
+            # A decode step of a few rows: each token's experts directly, no sorting.
+            return self._per_token(tokens, weights, indices).view_as(hidden)
 
         flat_experts = indices.flatten()  # (n * top_k,) slot s belongs to token s // top_k
         order = flat_experts.argsort(stable=True)
@@ -223,6 +226,8 @@ class MoE(Block):
         combined.index_add_(0, token_of_slot, expert_out)
         if self.shared is not None:
             combined = combined + self.shared(tokens)
+        if context is not None and context.decoding:
+            return combined.view_as(hidden)  # no losses nor statistics at inference
 
         load_balance, z_loss = router_losses(logits, indices, opts.n_experts)
         aux = opts.aux_loss_weight * load_balance + opts.z_loss_weight * z_loss
@@ -233,6 +238,24 @@ class MoE(Block):
             "router_entropy": router_entropy(logits).detach(),
         }
         return BlockOutput(combined.view_as(hidden), aux, stats)
+
+    def _per_token(
+        self, tokens: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token through its own top-k experts, (n, d_model) -> (n, d_model); for decode
+        steps of at most ``top_k`` rows, where sorting tokens by expert costs more than it
+        saves. Reads the chosen experts' indices on the host."""
+        rows = []
+        for token, chosen, weight in zip(tokens, indices.tolist(), weights, strict=True):
+            token = token[None]
+            out = sum(
+                self.experts.expert_forward(expert, token) * weight[slot].to(token.dtype)
+                for slot, expert in enumerate(chosen)
+            )
+            if self.shared is not None:
+                out = out + self.shared(token)
+            rows.append(out)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def forward_dense(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, weighted by the sparse routing weights.

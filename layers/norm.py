@@ -14,6 +14,11 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+# Up to this many elements (decode steps: a few tokens) a norm runs as one fused
+# ``F.rms_norm`` call: there the number of operations costs more than the passes over memory.
+SMALL = 1 << 14
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, computed in float32.
 
@@ -27,7 +32,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x, weight = upcast(hidden), upcast(self.weight)
-        if needs_autograd(x, weight):
+        if x.numel() <= SMALL or needs_autograd(x, weight):
             normed = F.rms_norm(x, (x.shape[-1],), weight, self.eps)
         else:  # the input is not ours to overwrite: one new tensor, scaled in place
             normed = torch.mul(x, weight).mul_(_inverse_rms(x, self.eps))
@@ -50,7 +55,7 @@ class GatedRMSNorm(nn.Module):
     def forward(self, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         x, gate, weight = upcast(hidden), upcast(gate), upcast(self.weight)
         grouped = (*x.shape[:-1], self.n_groups, x.shape[-1] // self.n_groups)
-        if needs_autograd(x, gate, weight):
+        if x.numel() <= SMALL or needs_autograd(x, gate, weight):
             gated = (x * F.silu(gate)).reshape(grouped)
             normed = F.rms_norm(gated, (grouped[-1],), eps=self.eps).reshape(x.shape) * weight
         else:  # in place on the one new tensor: four passes instead of six, one allocation

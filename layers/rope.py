@@ -18,6 +18,23 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.theta = theta
+        self._inv_freq: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """theta^(-2i / rotary_dim), (rotary_dim // 2,), computed in float64 then cast.
+
+        Kept per device and dtype outside the module's buffers (so ``model.to(bfloat16)``
+        cannot round it), which saves a decode step its recomputation; computed afresh while
+        ``torch.compile`` traces.
+        """
+        key = (device, dtype)
+        cached = None if torch.compiler.is_compiling() else self._inv_freq.get(key)
+        if cached is None:
+            exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=device)
+            cached = (1.0 / self.theta ** (exponents / self.rotary_dim)).to(dtype)
+            if not torch.compiler.is_compiling():
+                self._inv_freq[key] = cached
+        return cached
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -27,11 +44,9 @@ class RotaryEmbedding(nn.Module):
         Angles are computed in float32 (as transformers does), float64 for float64 inputs.
         """
         angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        exponents = torch.arange(
-            0, self.rotary_dim, 2, dtype=torch.float64, device=positions.device
+        angles = positions.to(angle_dtype).unsqueeze(-1) * self.inv_freq(
+            positions.device, angle_dtype
         )
-        inv_freq = (1.0 / self.theta ** (exponents / self.rotary_dim)).to(angle_dtype)
-        angles = positions.to(angle_dtype).unsqueeze(-1) * inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

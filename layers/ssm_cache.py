@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from layers.base import CacheEntry, dtype_bytes
-from layers.ops import causal_conv1d, causal_conv1d_step
+from layers.ops import causal_conv1d, causal_conv1d_update
 
 
 @dataclass
@@ -92,12 +91,9 @@ def causal_conv_silu(
     """
     if valid is not None:
         x = x * valid  # padding never enters the conv window
-    weight = rearrange(conv.weight, "d 1 w -> d w")
+    weight = conv.weight[:, 0]  # (d, w)
     if step:
-        out, conv_state = causal_conv1d_step(
-            x[:, 0], cache.conv_state, weight, conv.bias, activation="silu"
-        )
-        cache.conv_state.copy_(conv_state)
+        out = causal_conv1d_update(x[:, 0], cache.conv_state, weight, conv.bias, activation="silu")
         return out[:, None, :]
     out = causal_conv1d(
         x.transpose(1, 2),
@@ -109,7 +105,7 @@ def causal_conv_silu(
     )
     if cache is not None:
         out, conv_state = out
-        cache.conv_state = conv_state.to(cache.conv_state.dtype)
+        cache.conv_state.copy_(conv_state)  # in place: decoding updates this buffer
     out = out.transpose(1, 2)
     if valid is not None:
         out = out * valid  # the conv bias must not turn padding into input

@@ -39,7 +39,7 @@ class DecodingModel(Protocol):
     def allocate_cache(self, batch_size: int, max_seqlen: int) -> HybridCache: ...
 
     def decode_step(
-        self, tokens: torch.Tensor, cache: HybridCache, position: torch.Tensor
+        self, tokens: torch.Tensor, cache: HybridCache, position: int | torch.Tensor
     ) -> torch.Tensor: ...
 
     def compiled_decode_step(self, mode: str | None = None) -> Callable[..., torch.Tensor]: ...
@@ -133,10 +133,11 @@ def stream(
 
     A row that produced a stop token is finished: it yields ``pad_token_id`` afterwards.
     The stream ends after ``max_new_tokens`` steps or when every row is finished. Decoding
-    runs the model's ``decode_step`` (static shapes); ``compile=True`` (or a
-    ``torch.compile`` mode such as ``"reduce-overhead"``) compiles it first. ``cuda_graph=True``
-    (CUDA only) records the step, compiled or not, as one CUDA graph after the prefill and
-    replays it per token (:class:`hybrid.inference.cuda_graph.CUDAGraphDecodeStep`).
+    runs the model's eager ``decode_step`` (one-token paths, attention over the filled part of
+    its cache); ``compile=True`` (or a ``torch.compile`` mode such as ``"reduce-overhead"``)
+    compiles its static-shape form first. ``cuda_graph=True`` (CUDA only) records the static
+    step, compiled or not, as one CUDA graph after the prefill and replays it per token
+    (:class:`hybrid.inference.cuda_graph.CUDAGraphDecodeStep`).
     """
     if not 0 <= pad_token_id < model.config.vocab_size:
         raise ValueError(
@@ -167,6 +168,7 @@ def stream(
             decode = model.decode_step
         if cuda_graph:
             decode = CUDAGraphDecodeStep(decode)
+        static = bool(compile) or cuda_graph
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = sample(logits, sampling, generator, counts)
@@ -177,7 +179,9 @@ def stream(
                 return
             if counts is not None:
                 counts = update_counts(counts, token)
-            position = torch.tensor(cache.length, device=device)
+            # The static step (compiled, CUDA graph) takes the index as a tensor, so that its
+            # shapes never change; the eager one as an int, to read only the filled cache.
+            position = torch.tensor(cache.length, device=device) if static else cache.length
             logits = decode(token[:, None], cache, position)
             cache.advance(1, None)
 

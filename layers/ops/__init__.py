@@ -8,15 +8,16 @@ reference the other paths are tested against.
 """
 
 from ._common import NO_LIMIT, effective_dt
-from .conv import causal_conv1d, causal_conv1d_naive, causal_conv1d_step
+from .conv import causal_conv1d, causal_conv1d_naive, causal_conv1d_step, causal_conv1d_update
 from .kernels import causal_conv1d_ops, mamba_ssm_ops, use_kernels
 from .selective_scan import (
     selective_scan,
     selective_scan_naive,
     selective_scan_step,
     selective_scan_torch,
+    selective_scan_update,
 )
-from .ssd import ssd_chunked_torch, ssd_naive, ssd_scan, ssd_step
+from .ssd import ssd_chunked_torch, ssd_naive, ssd_scan, ssd_step, ssd_update
 
 __all__ = [
     "NO_LIMIT",
@@ -24,15 +25,18 @@ __all__ = [
     "causal_conv1d_naive",
     "causal_conv1d_ops",
     "causal_conv1d_step",
+    "causal_conv1d_update",
     "effective_dt",
     "mamba_ssm_ops",
     "selective_scan",
     "selective_scan_naive",
     "selective_scan_step",
     "selective_scan_torch",
+    "selective_scan_update",
     "ssd_chunked_torch",
     "ssd_naive",
     "ssd_scan",
     "ssd_step",
+    "ssd_update",
     "use_kernels",
 ]

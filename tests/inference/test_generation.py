@@ -170,3 +170,26 @@ def test_compiled_decode_step_gives_the_same_tokens():
 def test_pad_token_id_must_be_in_the_vocabulary(model):
     with pytest.raises(ValueError, match=r"^pad_token_id: must be in \[0, 30\)"):
         model.generate(torch.tensor([[1, 2]]), 3, pad_token_id=30)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])  # MoE: per-token experts up to top_k rows, then sorted
+def test_eager_and_static_decode_steps_give_the_full_forward_logits(model, batch):
+    """Logits of both decode-step forms (int position: one-token paths over the filled cache;
+    tensor position: static shapes) against a full forward, after a left-padded prompt."""
+    torch.manual_seed(batch)
+    steps, prompt_length = 9, 5
+    ids = torch.randint(0, 30, (batch, prompt_length + steps))
+    mask = torch.ones(batch, prompt_length, dtype=torch.long)
+    mask[0, :2] = 0  # row 0 has two pads
+    with torch.no_grad():
+        for form in ("eager", "static"):
+            cache = model.allocate_cache(batch, prompt_length + steps)
+            model(ids[:, :prompt_length], cache=cache, attention_mask=mask)
+            for t in range(prompt_length, prompt_length + steps):
+                position = cache.length if form == "eager" else torch.tensor(cache.length)
+                logits = model.decode_step(ids[:, t : t + 1], cache, position)
+                cache.advance(1, None)
+                for row in range(batch):
+                    start = 2 if row == 0 else 0  # the row alone, without its pads
+                    full = model(ids[row : row + 1, start : t + 1]).logits[0, -1]
+                    torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-5)

@@ -6,9 +6,9 @@ import torch
 
 from ..kernels import causal_conv1d_ops, needs_autograd, use_kernels
 from .sequence import _check_activation, _tail, causal_conv1d_torch
-from .step import causal_conv1d_step_torch
+from .step import causal_conv1d_step_torch, causal_conv1d_update_torch
 
-__all__ = ["causal_conv1d", "causal_conv1d_step"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_update"]
 
 # causal-conv1d only compiles kernels for these filter widths.
 _KERNEL_WIDTHS = (2, 3, 4)
@@ -115,3 +115,40 @@ def causal_conv1d_step(
             )
             return y, new_state
     return causal_conv1d_step_torch(x, conv_state, weight, bias, activation=activation)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """:func:`causal_conv1d_step` shifting ``conv_state`` in place (a cache's fixed buffer).
+
+    What decoding calls: causal-conv1d's ``causal_conv1d_update`` on ``conv_state`` itself
+    under :func:`causal_conv1d_step`'s conditions, else :func:`causal_conv1d_update_torch`
+    (or, with autograd on, :func:`causal_conv1d_step` and a copy into ``conv_state``).
+    Shapes as in :func:`causal_conv1d_step`; returns y (batch, dim) in x's dtype.
+    """
+    silu = _check_activation(activation)
+    if needs_autograd(x, conv_state, weight, bias):
+        y, new_state = causal_conv1d_step(x, conv_state, weight, bias, activation=activation)
+        conv_state.copy_(new_state)
+        return y
+    if (
+        weight.shape[1] in _KERNEL_WIDTHS
+        and x.dtype == conv_state.dtype
+        and x.dtype in _KERNEL_DTYPES
+        and weight.dtype in _KERNEL_DTYPES
+        and (bias is None or bias.dtype == weight.dtype)
+        and use_kernels(x, conv_state, weight, bias)
+    ):
+        ops = causal_conv1d_ops()
+        if ops is not None:
+            return ops.causal_conv1d_update(
+                x, conv_state, weight, None if bias is None else bias.contiguous(),
+                "silu" if silu else None,
+            )  # fmt: skip
+    return causal_conv1d_update_torch(x, conv_state, weight, bias, activation=activation)

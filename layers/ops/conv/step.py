@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .sequence import _check_activation
 
-__all__ = ["causal_conv1d_step_torch"]
+__all__ = ["causal_conv1d_step_torch", "causal_conv1d_update_torch"]
 
 
 def causal_conv1d_step_torch(
@@ -33,3 +33,25 @@ def causal_conv1d_step_torch(
     if silu:
         y = F.silu(y)
     return y.to(x.dtype), window[..., 1:].to(conv_state.dtype)
+
+
+def causal_conv1d_update_torch(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """:func:`causal_conv1d_step_torch` shifting ``conv_state`` in place (decoding, no
+    autograd). x (batch, dim), conv_state (batch, dim, width - 1) -> y (batch, dim) in x's
+    dtype."""
+    silu = _check_activation(activation)
+    window = torch.cat([conv_state.to(weight.dtype), x.to(weight.dtype).unsqueeze(-1)], dim=-1)
+    conv_state.copy_(window[..., 1:])
+    y = torch.linalg.vecdot(window, weight)  # (batch, dim)
+    if bias is not None:
+        y = y.add_(bias)
+    if silu:
+        y = F.silu(y, inplace=True)
+    return y.to(x.dtype)

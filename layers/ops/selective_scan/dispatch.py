@@ -9,9 +9,9 @@ import torch
 from .._common import compute_dtype
 from ..kernels import mamba_ssm_ops, needs_autograd, use_kernels
 from .chunk import selective_scan_torch
-from .step import selective_scan_step_torch
+from .step import selective_scan_step_torch, selective_scan_update_torch
 
-__all__ = ["selective_scan", "selective_scan_step"]
+__all__ = ["selective_scan", "selective_scan_step", "selective_scan_update"]
 
 
 def selective_scan(
@@ -145,6 +145,29 @@ def _selective_scan_step_kernel(
     (batch, ngroups, d_state) use the multi-head form with one "head" per group: state
     (batch, ngroups, dim // ngroups, d_state), and so on; the state is a view of the copy.
     """
+    # The kernel updates its state argument in place; contiguous so that it can be viewed.
+    new_state = state.clone(memory_format=torch.contiguous_format)
+    y = _selective_scan_update_kernel(
+        ops, new_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus
+    )
+    return y, new_state
+
+
+def _selective_scan_update_kernel(
+    ops: SimpleNamespace,
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> torch.Tensor:
+    """``selective_state_update`` on ``state`` itself (contiguous; updated in place), in the
+    forms of :func:`_selective_scan_step_kernel`. Returns y (batch, dim)."""
     batch, dim = u.shape
     d_state = A.shape[-1]
     # Some mamba_ssm 2.x releases raise a TypeError for D=None or dt_bias=None (their stride
@@ -153,18 +176,15 @@ def _selective_scan_step_kernel(
         D = u.new_zeros(dim)
     if delta_bias is None:
         delta_bias = delta.new_zeros(dim)
-    # The kernel updates its state argument in place; contiguous so that it can be viewed.
-    new_state = state.clone(memory_format=torch.contiguous_format)
     A = A.float()
     if B.dim() == 2:
-        y = ops.selective_state_update(
-            new_state, u, delta, A, B, C, D=D, z=z, dt_bias=delta_bias, dt_softplus=delta_softplus
+        return ops.selective_state_update(
+            state, u, delta, A, B, C, D=D, z=z, dt_bias=delta_bias, dt_softplus=delta_softplus
         )
-        return y, new_state
     ngroups = B.shape[1]
     heads = (batch, ngroups, dim // ngroups)
     y = ops.selective_state_update(
-        new_state.view(*heads, d_state),
+        state.view(*heads, d_state),
         u.reshape(heads),
         delta.reshape(heads),
         A.reshape(*heads[1:], d_state),
@@ -175,4 +195,43 @@ def _selective_scan_step_kernel(
         dt_bias=delta_bias.reshape(heads[1:]),
         dt_softplus=delta_softplus,
     )
-    return y.reshape(batch, dim), new_state
+    return y.reshape(batch, dim)
+
+
+def selective_scan_update(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """:func:`selective_scan_step` that updates ``state`` in place and returns y (batch, dim).
+
+    What decoding calls: ``selective_state_update`` on ``state`` itself on CUDA (the
+    conditions of :func:`selective_scan_step`), :func:`selective_scan_update_torch` on CPU;
+    with autograd or autocast on, a state narrower than the inputs or not contiguous, the
+    functional step and a copy into ``state``.
+    """
+    tensors = (state, u, delta, A, B, C, D, z, delta_bias)
+    kw = {"D": D, "z": z, "delta_bias": delta_bias, "delta_softplus": delta_softplus}
+    if needs_autograd(*tensors) or torch.is_autocast_enabled(u.device.type):
+        y, new_state = selective_scan_step(state, u, delta, A, B, C, **kw)
+        state.copy_(new_state)
+        return y
+    dtype = compute_dtype(*tensors)
+    contiguous = state.is_contiguous()
+    if dtype == torch.float32 and contiguous and use_kernels(*tensors):
+        ops = mamba_ssm_ops()
+        if ops is not None:
+            return _selective_scan_update_kernel(ops, state, u, delta, A, B, C, **kw)
+    if state.dtype != dtype or not contiguous:
+        y, new_state = selective_scan_step_torch(state, u, delta, A, B, C, **kw)
+        state.copy_(new_state)
+        return y
+    return selective_scan_update_torch(state, u, delta, A, B, C, **kw)

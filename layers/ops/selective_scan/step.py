@@ -4,10 +4,11 @@ autograd)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .._common import clamped_exp, compute_dtype, effective_dt, skip_and_gate
+from .._common import clamped_exp, compute_dtype, effective_dt, exp_floor, skip_and_gate
 
-__all__ = ["selective_scan_step_torch"]
+__all__ = ["selective_scan_step_torch", "selective_scan_update_torch"]
 
 
 def selective_scan_step_torch(
@@ -48,3 +49,41 @@ def selective_scan_step_torch(
         y = torch.matmul(grouped, Cg.to(dtype).unsqueeze(-1)).view(batch, dim)
         y = skip_and_gate(y, uf, D, z).to(u.dtype)
     return y, new_state.to(state.dtype)
+
+
+def selective_scan_update_torch(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """:func:`selective_scan_step_torch` updating ``state`` in place (decoding, no autograd).
+
+    Computes in ``state``'s dtype, which must be at least as wide as the inputs, with
+    ``state`` contiguous (:func:`selective_scan_update` checks both). Shapes as in
+    :func:`selective_scan_step_torch`; returns y (batch, dim) in u's dtype.
+    """
+    batch, dim = u.shape
+    d_state = A.shape[-1]
+    Bg = B.unsqueeze(1) if B.dim() == 2 else B
+    Cg = C.unsqueeze(1) if C.dim() == 2 else C
+    ngroups = Bg.shape[1]
+    dtype = state.dtype
+    uf = u.to(dtype)
+    dl = effective_dt(delta.to(dtype), delta_bias, delta_softplus)  # (batch, dim)
+    state.mul_((dl.unsqueeze(-1) * A.to(dtype)).clamp_(min=exp_floor(dtype)).exp_())
+    grouped = state.view(batch, ngroups, dim // ngroups, d_state)
+    grouped.addcmul_((dl * uf).view(batch, ngroups, -1, 1), Bg.to(dtype).unsqueeze(2))
+    y = torch.matmul(grouped, Cg.to(dtype).unsqueeze(-1)).view(batch, dim)
+    if D is not None:
+        y.addcmul_(uf, D.to(dtype))
+    if z is not None:
+        y.mul_(F.silu(z.to(dtype)))
+    return y.to(u.dtype)

@@ -9,9 +9,9 @@ import torch
 from .._common import NO_LIMIT, compute_dtype
 from ..kernels import mamba_ssm_ops, needs_autograd, use_kernels
 from .chunk import ssd_chunked_torch
-from .step import ssd_step_torch
+from .step import ssd_step_torch, ssd_update_torch
 
-__all__ = ["TORCH_MAX_CHUNK", "ssd_scan", "ssd_step"]
+__all__ = ["TORCH_MAX_CHUNK", "ssd_scan", "ssd_step", "ssd_update"]
 
 # The chunk size changes only the speed, never the result. The PyTorch path's (Q, Q) work per
 # head makes chunks above 128 slower on CPU (1.3-3x at 256, measured), so the dispatcher caps
@@ -136,6 +136,54 @@ def ssd_step(
     )  # fmt: skip
 
 
+def ssd_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_LIMIT,
+) -> torch.Tensor:
+    """:func:`ssd_step` that updates ``state`` in place (a cache's fixed buffer) and returns y.
+
+    What decoding calls: on CUDA (the conditions of :func:`ssd_step`) ``selective_state_update``
+    runs on ``state`` itself, with no copy; on CPU :func:`ssd_update_torch`, a dozen small ops
+    without a new state tensor. With autograd on (or autocast, or a state narrower than the
+    inputs, or not contiguous) it computes :func:`ssd_step` and copies the new state in.
+    Shapes as in :func:`ssd_step`; returns y (batch, nheads, headdim) in x's dtype.
+    """
+    tensors = (state, x, dt, A, B, C, D, z, dt_bias)
+    if needs_autograd(*tensors) or torch.is_autocast_enabled(x.device.type):
+        y, new_state = ssd_step(
+            state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+            dt_limit=dt_limit,
+        )  # fmt: skip
+        state.copy_(new_state)
+        return y
+    dtype = compute_dtype(*tensors)
+    if tuple(dt_limit) == NO_LIMIT and dtype == torch.float32 and use_kernels(*tensors):
+        ops = mamba_ssm_ops()
+        if ops is not None:
+            return _ssd_update_kernel(ops, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if state.dtype != dtype or not state.is_contiguous():
+        y, new_state = ssd_step_torch(
+            state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+            dt_limit=dt_limit,
+        )  # fmt: skip
+        state.copy_(new_state)
+        return y
+    return ssd_update_torch(
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        dt_limit=dt_limit,
+    )  # fmt: skip
+
+
 def _ssd_step_kernel(
     ops: SimpleNamespace,
     state: torch.Tensor,
@@ -156,6 +204,25 @@ def _ssd_step_kernel(
     Shapes passed: state (batch, nheads, headdim, d_state), x/dt/z (batch, nheads, headdim),
     A (nheads, headdim, d_state), B/C (batch, ngroups, d_state), D/dt_bias (nheads, headdim).
     """
+    new_state = state.clone()  # the kernel updates its state argument in place
+    return _ssd_update_kernel(ops, new_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus), new_state
+
+
+def _ssd_update_kernel(
+    ops: SimpleNamespace,
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+) -> torch.Tensor:
+    """``selective_state_update`` on ``state`` itself (in place); shapes as in
+    :func:`_ssd_step_kernel`. Returns y."""
     batch, nheads, headdim = x.shape
     d_state = state.shape[-1]
     # Some mamba_ssm 2.x releases raise a TypeError for D=None or dt_bias=None (their stride
@@ -164,9 +231,8 @@ def _ssd_step_kernel(
         D = x.new_zeros(nheads)
     if dt_bias is None:
         dt_bias = dt.new_zeros(nheads)
-    new_state = state.clone()  # the kernel updates its state argument in place
-    y = ops.selective_state_update(
-        new_state,
+    return ops.selective_state_update(
+        state,
         x,
         dt.unsqueeze(-1).expand(batch, nheads, headdim),
         A.float().view(nheads, 1, 1).expand(nheads, headdim, d_state),
@@ -177,4 +243,3 @@ def _ssd_step_kernel(
         dt_bias=dt_bias.unsqueeze(-1).expand(nheads, headdim),
         dt_softplus=dt_softplus,
     )
-    return y, new_state
