@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,23 @@ class Sublayer(nn.Module):
         if isinstance(out, BlockOutput):
             return hidden + out.hidden, out
         return hidden + out, None
+
+
+_COMPILE_NOTE = (
+    "hybrid: compiling the decode step with torch.compile; the first generation waits for it "
+    "(on 2 CPU cores about 20-30 s the first time on a machine, 4-6 s once torch's on-disk "
+    "cache has it), then each token is about 1.5x faster than the default eager step"
+)
+_announced = False
+
+
+def announce_compile() -> None:
+    """Say once per process, on stderr, that the decode step is being compiled and what it
+    costs (measured by scripts/bench_vs_hf.py)."""
+    global _announced
+    if not _announced:
+        _announced = True
+        print(_COMPILE_NOTE, file=sys.stderr, flush=True)
 
 
 class HybridLM(GenerationMixin, nn.Module):
@@ -225,6 +243,7 @@ class HybridLM(GenerationMixin, nn.Module):
         """
         compiled = self.__dict__.setdefault("_compiled_decode_steps", {})
         if mode not in compiled:
+            announce_compile()
             compiled[mode] = torch.compile(self.decode_step, dynamic=False, mode=mode)
         return compiled[mode]
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from layers.base import Block, CacheEntry, TokenContext, dtype_bytes
@@ -335,9 +334,10 @@ class Attention(Block):
         context: TokenContext | None = None,
     ) -> torch.Tensor:
         opts = self.options
-        q = rearrange(self.q_proj(hidden), "b l (h d) -> b l h d", d=opts.head_dim)
-        k = rearrange(self.k_proj(hidden), "b l (h d) -> b l h d", d=opts.head_dim)
-        v = rearrange(self.v_proj(hidden), "b l (h d) -> b l h d", d=opts.head_dim)
+        heads = (-1, opts.head_dim)  # (b, l, h * d) -> (b, l, h, d)
+        q = self.q_proj(hidden).unflatten(-1, heads)
+        k = self.k_proj(hidden).unflatten(-1, heads)
+        v = self.v_proj(hidden).unflatten(-1, heads)
         if self.rotary is not None:
             positions = (
                 context.positions
@@ -364,7 +364,7 @@ class Attention(Block):
             )
         else:
             out = causal_attention(q, k, v, window=opts.window)
-        return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
+        return self.o_proj(out.transpose(1, 2).flatten(2))  # (b, h, l, d) -> (b, l, h * d)
 
     def allocate_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device

@@ -11,11 +11,11 @@ from einops import repeat
 from torch import nn
 
 from layers.base import Block, TokenContext
-from layers.norm import RMSNorm, upcast
+from layers.norm import RMSNorm
 from layers.ops import effective_dt, selective_scan, selective_scan_update
 from layers.options import require, require_positive_int
 from layers.registry import register_block
-from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv
+from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv, state_matrix
 from layers.ssm_init import init_dt_bias, mark_no_weight_decay
 
 
@@ -104,7 +104,7 @@ class Mamba1(Block):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         step = cache is not None and hidden.shape[1] == 1 and valid is None
         x = causal_conv_silu(x, self.conv1d, cache, valid, step)  # (b, l, d_inner)
-        dt, B, C = self.x_proj(x).split([opts.dt_rank, opts.d_state, opts.d_state], dim=-1)
+        dt, B, C = self.x_proj(x).split_with_sizes([opts.dt_rank, opts.d_state, opts.d_state], -1)
         if opts.inner_norms:
             dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); bias goes in the scan
@@ -112,7 +112,7 @@ class Mamba1(Block):
         if valid is not None:
             dt = effective_dt(dt, self.dt_proj.bias, True) * valid  # padding leaves the state
             dt_args = {}
-        A = -torch.exp(upcast(self.A_log))
+        A = state_matrix(self)
         if step:
             y = selective_scan_update(
                 cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, z=z[:, 0],

@@ -10,11 +10,11 @@ from einops import rearrange
 from torch import nn
 
 from layers.base import Block, TokenContext
-from layers.norm import GatedRMSNorm, upcast
+from layers.norm import GatedRMSNorm
 from layers.ops import effective_dt, ssd_scan, ssd_update
 from layers.options import require, require_positive_int
 from layers.registry import register_block
-from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv
+from layers.ssm_cache import SSMCache, causal_conv_silu, depthwise_conv, state_matrix
 from layers.ssm_init import init_dt_bias, mark_no_weight_decay
 
 
@@ -117,15 +117,17 @@ class Mamba2(Block):
         opts = self.options
         length = hidden.shape[1]
         valid = None if context is None or context.valid is None else context.valid[..., None]
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], -1)
+        z, xbc, dt = self.in_proj(hidden).split_with_sizes(
+            [self.d_inner, self.conv_dim, self.nheads], -1
+        )
         step = cache is not None and length == 1 and valid is None
         xbc = causal_conv_silu(xbc, self.conv1d, cache, valid, step)  # (b, l, conv_dim)
-        A = -torch.exp(upcast(self.A_log))
+        A = state_matrix(self)
         group_width = opts.ngroups * opts.d_state
         if step:
             # One decoding step: the recurrence directly, on the cache's state in place.
             batch = hidden.shape[0]
-            x, B, C = xbc[:, 0].split([self.d_inner, group_width, group_width], -1)
+            x, B, C = xbc[:, 0].split_with_sizes([self.d_inner, group_width, group_width], -1)
             y = ssd_update(
                 cache.ssm_state,
                 x.view(batch, self.nheads, opts.headdim),

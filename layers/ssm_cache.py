@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from layers.base import CacheEntry, dtype_bytes
+from layers.norm import upcast
 from layers.ops import causal_conv1d, causal_conv1d_update
 
 
@@ -110,3 +111,20 @@ def causal_conv_silu(
     if valid is not None:
         out = out * valid  # the conv bias must not turn padding into input
     return out
+
+
+def state_matrix(block: nn.Module) -> torch.Tensor:
+    """``A = -exp(A_log)`` of an SSM block in float32 (or wider), the shape of ``A_log``.
+
+    Without autograd (decoding) it is kept on the block while ``A_log`` is unchanged (same
+    storage, same in-place version), so a decode step does not recompute it per token.
+    """
+    A_log = block.A_log
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return -torch.exp(upcast(A_log))
+    key = (A_log.data_ptr(), A_log._version, A_log.dtype, A_log.device)
+    cached = block.__dict__.get("_state_matrix")
+    if cached is None or cached[0] != key:
+        cached = (key, -torch.exp(upcast(A_log)))
+        block.__dict__["_state_matrix"] = cached
+    return cached[1]

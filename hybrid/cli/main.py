@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--device", default="cpu")
+    generate.add_argument(
+        "--compile", action="store_true",
+        help="compile the decode step with torch.compile first (pays for long generations; "
+        "the default eager step needs no wait)",
+    )  # fmt: skip
     convert = commands.add_parser(
         "convert",
         help="convert between transformers model directories and ours",
@@ -115,7 +120,10 @@ def run_generate(args: argparse.Namespace) -> None:
     input_ids = torch.tensor([ids], device=args.device)
     decoder = tokenizer.decoder()
     print(args.prompt, end="", flush=True)
-    for token in model.stream(input_ids, args.max_new_tokens, sampling=sampling, seed=args.seed):
+    tokens = model.stream(
+        input_ids, args.max_new_tokens, sampling=sampling, seed=args.seed, compile=args.compile
+    )
+    for token in tokens:
         print(decoder.feed(int(token[0])), end="", flush=True)
     print()
 

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 
 from .kernels import needs_autograd
 
-__all__ = ["NO_LIMIT", "clamped_exp", "compute_dtype", "effective_dt", "exp_floor", "skip_and_gate"]
+__all__ = [
+    "NO_LIMIT",
+    "as_dtype",
+    "clamped_exp",
+    "compute_dtype",
+    "effective_dt",
+    "exp_floor",
+    "skip_and_gate",
+]
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -17,6 +25,12 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already ``dtype`` (decode steps make many of
+    these, each a microsecond or two)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def exp_floor(dtype: torch.dtype) -> float:

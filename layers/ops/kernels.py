@@ -60,10 +60,10 @@ def use_kernels(*tensors: torch.Tensor | None) -> bool:
     ``None`` entries (absent optional arguments) are ignored. Setting the environment variable
     ``HYBRID_DISABLE_KERNELS=1`` forces the PyTorch reference paths, e.g. to debug or to compare.
     """
-    if os.environ.get(_DISABLE_ENV) == "1":
-        return False
     present = [t for t in tensors if t is not None]
-    return bool(present) and all(t.is_cuda for t in present)
+    if not present or not all(t.is_cuda for t in present):
+        return False  # decided before the (slower) environment lookup: CPU decode calls this
+    return os.environ.get(_DISABLE_ENV) != "1"
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

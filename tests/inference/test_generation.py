@@ -193,3 +193,16 @@ def test_eager_and_static_decode_steps_give_the_full_forward_logits(model, batch
                     start = 2 if row == 0 else 0  # the row alone, without its pads
                     full = model(ids[row : row + 1, start : t + 1]).logits[0, -1]
                     torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-5)
+
+
+def test_compiling_is_announced_once_with_its_cost(model, monkeypatch, capsys):
+    import hybrid.model
+
+    monkeypatch.setattr(hybrid.model, "_announced", False)
+    model.__dict__.pop("_compiled_decode_steps", None)
+    model.compiled_decode_step()
+    model.compiled_decode_step("max-autotune-no-cudagraphs")  # a second compile, said already
+    err = capsys.readouterr().err
+    assert err.count("compiling the decode step with torch.compile") == 1
+    assert " s " in err and "first" in err  # the expected wait is stated
+    model.__dict__.pop("_compiled_decode_steps", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._common import as_dtype
 from .sequence import _check_activation
 
 __all__ = ["causal_conv1d_step_torch", "causal_conv1d_update_torch"]
@@ -47,11 +48,12 @@ def causal_conv1d_update_torch(
     autograd). x (batch, dim), conv_state (batch, dim, width - 1) -> y (batch, dim) in x's
     dtype."""
     silu = _check_activation(activation)
-    window = torch.cat([conv_state.to(weight.dtype), x.to(weight.dtype).unsqueeze(-1)], dim=-1)
+    dtype = weight.dtype
+    window = torch.cat([as_dtype(conv_state, dtype), as_dtype(x, dtype).unsqueeze(-1)], dim=-1)
     conv_state.copy_(window[..., 1:])
     y = torch.linalg.vecdot(window, weight)  # (batch, dim)
     if bias is not None:
         y = y.add_(bias)
     if silu:
         y = F.silu(y, inplace=True)
-    return y.to(x.dtype)
+    return as_dtype(y, x.dtype)

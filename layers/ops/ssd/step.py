@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._common import NO_LIMIT, compute_dtype, effective_dt, exp_floor, skip_and_gate
+from .._common import NO_LIMIT, as_dtype, compute_dtype, effective_dt, exp_floor, skip_and_gate
 from .chunk import _decay, _head_skip
 
 __all__ = ["ssd_step_torch", "ssd_update_torch"]
@@ -73,20 +73,20 @@ def ssd_update_torch(
     batch, nheads, headdim = x.shape
     ngroups, d_state = B.shape[-2:]
     rep, dtype = nheads // ngroups, state.dtype
-    xf = x.to(dtype)
-    dtf = effective_dt(dt.to(dtype), dt_bias, dt_softplus, dt_limit)  # (batch, nheads)
-    decay = (dtf * A.to(dtype)).clamp_(min=exp_floor(dtype), max=0.0).exp_()
+    xf = as_dtype(x, dtype)
+    dtf = effective_dt(as_dtype(dt, dtype), dt_bias, dt_softplus, dt_limit)  # (batch, nheads)
+    decay = (dtf * as_dtype(A, dtype)).clamp_(min=exp_floor(dtype), max=0.0).exp_()
     state.mul_(decay.view(batch, nheads, 1, 1))
     state.view(batch, ngroups, rep, headdim, d_state).addcmul_(
         (xf * dtf.unsqueeze(-1)).view(batch, ngroups, rep, headdim, 1),
-        B.to(dtype).view(batch, ngroups, 1, 1, d_state),
+        as_dtype(B, dtype).view(batch, ngroups, 1, 1, d_state),
     )
     y = torch.matmul(
         state.view(batch, ngroups, rep * headdim, d_state),
-        C.to(dtype).view(batch, ngroups, d_state, 1),
+        as_dtype(C, dtype).view(batch, ngroups, d_state, 1),
     ).view(batch, nheads, headdim)
     if D is not None:
-        y.addcmul_(xf, D.to(dtype).view(nheads, -1))
+        y.addcmul_(xf, as_dtype(D, dtype).view(nheads, -1))
     if z is not None:
-        y.mul_(F.silu(z.to(dtype)))
+        y.mul_(F.silu(as_dtype(z, dtype)))
     return y.to(x.dtype)
