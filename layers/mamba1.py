@@ -11,7 +11,7 @@ from einops import repeat
 from torch import nn
 
 from layers.base import Block, TokenContext
-from layers.norm import RMSNorm
+from layers.norm import RMSNorm, upcast
 from layers.ops import effective_dt, selective_scan, selective_scan_update
 from layers.options import require, require_positive_int
 from layers.registry import register_block
@@ -99,14 +99,11 @@ class Mamba1(Block):
         cache: SSMCache | None = None,
         context: TokenContext | None = None,
     ) -> torch.Tensor:
-        opts = self.options
         valid = None if context is None or context.valid is None else context.valid[..., None]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         step = cache is not None and hidden.shape[1] == 1 and valid is None
         x = causal_conv_silu(x, self.conv1d, cache, valid, step)  # (b, l, d_inner)
-        dt, B, C = self.x_proj(x).split_with_sizes([opts.dt_rank, opts.d_state, opts.d_state], -1)
-        if opts.inner_norms:
-            dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
+        dt, B, C = self.inner_norms(self.x_proj(x))
         dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); bias goes in the scan
         dt_args = {"delta_bias": self.dt_proj.bias, "delta_softplus": True}
         if valid is not None:
@@ -135,6 +132,24 @@ class Mamba1(Block):
             y, final_state = y
             cache.ssm_state.copy_(final_state)  # the buffer stays contiguous, in place
         return self.out_proj(y.transpose(1, 2))
+
+    def inner_norms(self, dt_b_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split ``x_proj``'s output (..., dt_rank + 2 * d_state) into dt, B, C and, with
+        ``inner_norms`` (Jamba), RMS-normalise each. When dt_rank == d_state the three norms
+        run as one call over a (..., 3, d_state) view (the same arithmetic; a decode step
+        saves a dozen small operations per sublayer)."""
+        opts = self.options
+        sizes = [opts.dt_rank, opts.d_state, opts.d_state]
+        if not opts.inner_norms:
+            return tuple(dt_b_c.split_with_sizes(sizes, -1))
+        norms = (self.dt_norm, self.b_norm, self.c_norm)
+        if opts.dt_rank != opts.d_state or len({norm.eps for norm in norms}) > 1:
+            parts = dt_b_c.split_with_sizes(sizes, -1)
+            return tuple(norm(part) for norm, part in zip(norms, parts, strict=True))
+        x = upcast(dt_b_c).unflatten(-1, (3, opts.d_state))
+        weight = torch.stack([upcast(norm.weight) for norm in norms])  # (3, d_state)
+        normed = (F.rms_norm(x, (opts.d_state,), eps=self.dt_norm.eps) * weight).to(dt_b_c.dtype)
+        return tuple(normed.unbind(-2))
 
     def allocate_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
