@@ -177,6 +177,7 @@ SUMMARY_COLUMNS = {
     "niah": ("variant", "length", "accuracy", "recall"),
     "ppl": ("length", "mean_loss", "perplexity"),
     "decode": ("context", "ms_per_token", "cache_bytes"),
+    "lm-eval": ("task", "metric", "filter", "value", "stderr"),
 }
 
 

@@ -48,6 +48,11 @@ TASKS: dict[str, Task] = {
         Task("ppl", "hybrid.eval.ppl", "perplexity vs context length (1x..8x train) and position"),
         Task("decode", "hybrid.eval.decode", "decode ms/token and cache bytes vs context length"),
         Task("mqar", "hybrid.eval.mqar", "multi-query associative recall (Zoology)"),
+        Task(
+            "lm-eval",
+            "hybrid.eval.lm_eval_task",
+            "EleutherAI lm-evaluation-harness tasks (hellaswag, piqa, ...; local YAML tasks)",
+        ),
     )
 }
 
