@@ -119,6 +119,8 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ValueError("--prompt: empty after tokenization")
     input_ids = torch.tensor([ids], device=args.device)
     decoder = tokenizer.decoder()
+    if args.compile:
+        model.compiled_decode_step()  # says it compiles (stderr) before the prompt is echoed
     print(args.prompt, end="", flush=True)
     tokens = model.stream(
         input_ids, args.max_new_tokens, sampling=sampling, seed=args.seed, compile=args.compile

@@ -50,6 +50,22 @@ def test_generate_streams_the_models_tokens(checkpoint, capsys):
     assert out == prompt + bytes(expected).decode("utf-8", errors="replace") + "\n"
 
 
+def test_generate_compile_gives_the_same_tokens_and_says_it_compiles(checkpoint, capsys):
+    import hybrid.model
+
+    model, path = checkpoint
+    hybrid.model._announced = False
+    prompt = "x = ["
+    argv = ["generate", "--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "6",
+            "--temperature", "0"]  # fmt: skip
+    assert main([*argv, "--compile"]) == 0
+    captured = capsys.readouterr()
+    ids = torch.tensor([ByteTokenizer().encode(prompt)])
+    expected = model.generate(ids, 6)[0, ids.shape[1] :].tolist()
+    assert captured.out == prompt + bytes(expected).decode("utf-8", errors="replace") + "\n"
+    assert "compiling the decode step with torch.compile" in captured.err
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
