@@ -12,6 +12,7 @@ from layers.base import Block, CacheEntry, TokenContext, dtype_bytes
 from layers.options import require, require_positive_int
 from layers.registry import register_block
 from layers.rope import RotaryEmbedding
+from layers.rope_scaling import check_scaling
 
 
 @dataclass
@@ -26,6 +27,12 @@ class AttentionOptions:
             as in Jamba and Nemotron-H).
         rope_theta: RoPE base.
         rope_fraction: share of each head's channels that rotate (Bamba uses 0.5).
+        rope_scaling: None, or transformers' ``rope_parameters`` of a context-extending
+            scaling: ``{"rope_type": "linear", "factor": 4}``, ``yarn`` (factor,
+            original_max_position_embeddings, optional beta_fast / beta_slow /
+            attention_factor / mscale / mscale_all_dim / truncate) or ``llama3`` (factor,
+            original_max_position_embeddings, low_freq_factor, high_freq_factor); see
+            :mod:`layers.rope_scaling`.
         window: sliding-window size (each query sees itself and ``window - 1`` earlier keys);
             None is full causal attention.
         qkv_bias: biases on the q, k, v projections.
@@ -38,6 +45,7 @@ class AttentionOptions:
     rope: bool = True
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0
+    rope_scaling: dict | None = None
     window: int | None = None
     qkv_bias: bool = False
     out_bias: bool = False
@@ -77,9 +85,10 @@ class AttentionOptions:
                 f"{where}.window",
                 f"must be a positive integer or null; got {self.window!r}",
             )
+        scaling = check_scaling(self.rope_scaling, f"{where}.rope_scaling")
         return AttentionOptions(
             n_heads, n_kv_heads, head_dim, self.rope, float(self.rope_theta),
-            self.rope_fraction, self.window, self.qkv_bias, self.out_bias,
+            self.rope_fraction, scaling, self.window, self.qkv_bias, self.out_bias,
         )  # fmt: skip
 
 
@@ -322,7 +331,12 @@ class Attention(Block):
         self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=options.qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, d_model, bias=options.out_bias)
         self.rotary = (
-            RotaryEmbedding(head_dim, int(head_dim * options.rope_fraction), options.rope_theta)
+            RotaryEmbedding(
+                head_dim,
+                int(head_dim * options.rope_fraction),
+                options.rope_theta,
+                options.rope_scaling,
+            )
             if options.rope
             else None
         )

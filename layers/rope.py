@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from layers.rope_scaling import scaled_inv_freq
+
 
 class RotaryEmbedding(nn.Module):
     """Rotates the first ``rotary_dim`` channels of each head by position-dependent angles.
@@ -13,11 +15,15 @@ class RotaryEmbedding(nn.Module):
     the remaining channels pass through unchanged.
     """
 
-    def __init__(self, head_dim: int, rotary_dim: int, theta: float) -> None:
+    def __init__(
+        self, head_dim: int, rotary_dim: int, theta: float, scaling: dict | None = None
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.theta = theta
+        self.scaling = scaling  # see layers.rope_scaling (linear, yarn, llama3) or None
+        self.attention_factor = scaled_inv_freq(rotary_dim, theta, scaling)[1]
         self._inv_freq: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -30,8 +36,8 @@ class RotaryEmbedding(nn.Module):
         key = (device, dtype)
         cached = None if torch.compiler.is_compiling() else self._inv_freq.get(key)
         if cached is None:
-            exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=device)
-            cached = (1.0 / self.theta ** (exponents / self.rotary_dim)).to(dtype)
+            inv_freq = scaled_inv_freq(self.rotary_dim, self.theta, self.scaling)[0]
+            cached = inv_freq.to(device=device, dtype=dtype)
             if not torch.compiler.is_compiling():
                 self._inv_freq[key] = cached
         return cached
@@ -48,7 +54,10 @@ class RotaryEmbedding(nn.Module):
             positions.device, angle_dtype
         )
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:  # YaRN's temperature
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (batch, seqlen, heads, head_dim) by cos/sin of shape (seqlen, rotary_dim)

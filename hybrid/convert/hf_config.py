@@ -8,6 +8,7 @@ from typing import Any
 
 from hybrid.config import HybridConfig
 from hybrid.convert.common import unsupported
+from layers.rope_scaling import KEYS, SCALINGS, check_scaling
 
 
 def get(hf: dict[str, Any], key: str, defaults: dict[str, Any]) -> Any:
@@ -60,29 +61,62 @@ def reject_quantized(hf: dict[str, Any], model_type: str) -> None:
 def rope_from_hf(
     hf: dict[str, Any], model_type: str, *, default_fraction: float | None
 ) -> tuple[float, float | None]:
-    """``(rope_theta, partial_rotary_factor)`` of a config; only plain RoPE is expressible.
+    """``(rope_theta, partial_rotary_factor)`` of a config with plain RoPE (no scaling).
 
     Reads transformers 5's ``rope_parameters`` and the older ``rope_theta`` / ``rope_scaling``
     keys. ``default_fraction`` is the model's own default for the partial rotary factor, or
     None where the model ignores it (Llama's default RoPE rotates the whole head).
     """
+    theta, fraction, _ = rope_with_scaling_from_hf(
+        hf, model_type, default_fraction=default_fraction, scalings=()
+    )
+    return theta, fraction
+
+
+def rope_with_scaling_from_hf(
+    hf: dict[str, Any],
+    model_type: str,
+    *,
+    default_fraction: float | None,
+    scalings: tuple[str, ...] = SCALINGS,
+) -> tuple[float, float | None, dict[str, Any] | None]:
+    """``(rope_theta, partial_rotary_factor, rope_scaling)``: :func:`rope_from_hf` plus the
+    ``scalings`` the model may use (linear / yarn / llama3) as our ``attention.rope_scaling``
+    (None for plain RoPE)."""
     params = hf.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise unsupported(model_type, "rope_parameters", params, "a mapping")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
+    old = hf.get("rope_scaling")
+    if old is not None and not isinstance(old, dict):
+        raise unsupported(model_type, "rope_scaling", old, "a mapping")
+
+    def kind(values: dict[str, Any]) -> str:
+        return values.get("rope_type", values.get("type", "default"))
+
+    # An old-style ``rope_scaling`` with a type wins over a ``rope_parameters`` that says default.
+    if old and kind(old) != "default":
+        merged = {**params, **old, "rope_type": kind(old)}
+    else:
+        merged = {**(old or {}), **params}
+    rope_type = kind(merged)
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    fraction = None
+    if default_fraction is not None:
+        fraction = float(merged.get("partial_rotary_factor", default_fraction))
+    if rope_type == "default":
+        return theta, fraction, None
+    if rope_type not in scalings:
         raise unsupported(
-            model_type, "rope_parameters['rope_type']", rope_type, "only 'default' RoPE"
-        )
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
-        if kind != "default":
-            raise unsupported(model_type, "rope_scaling", scaling, "only plain RoPE, no scaling")
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    if default_fraction is None:
-        return theta, None
-    return theta, float(params.get("partial_rotary_factor", default_fraction))
+            model_type, "rope_parameters['rope_type']", rope_type,
+            ", ".join(("'default'", *scalings)) + " RoPE" if scalings else "only 'default' RoPE",
+        )  # fmt: skip
+    keys = set(KEYS[rope_type])
+    scaling = {"rope_type": rope_type, **{k: v for k, v in merged.items() if k in keys}}
+    try:
+        check_scaling(scaling, "rope_parameters")
+    except ValueError as error:
+        raise ValueError(f"{model_type}: {error}") from None
+    return theta, fraction, scaling
 
 
 def family_options(config: HybridConfig, family: str, model_type: str) -> Any:

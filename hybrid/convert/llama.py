@@ -5,11 +5,13 @@ then a gated MLP, so an ``n``-layer Llama is the pattern ``"*-" * n``.
 
 Read and written: sizes, heads / key-value heads / head_dim, ``rms_norm_eps``, ``rope_theta``,
 ``attention_bias`` (q, k, v and o), ``mlp_bias``, ``hidden_act`` silu (SwiGLU) or
-gelu_pytorch_tanh (GeGLU), ``tie_word_embeddings``. Refused: any RoPE type but ``default``
-(``rope_parameters['rope_type']`` or an old ``rope_scaling``), other activations, quantized
-checkpoints. Ignored because they do not change inference: ``max_position_embeddings`` (plain
-RoPE has no length), ``pretraining_tp`` (transformers 5 does not read it; it only split the same
-matmuls), dropouts, ``use_cache``, token ids, ``initializer_range`` (kept as ``init_std``).
+gelu_pytorch_tanh (GeGLU), ``tie_word_embeddings``, and the RoPE types ``linear``, ``yarn`` and
+``llama3`` (Llama 3.x checkpoints; ``rope_parameters`` or an old ``rope_scaling``) as
+``attention.rope_scaling``. Refused: other RoPE types (``dynamic``, ``longrope``, ...), other
+activations, quantized checkpoints. Ignored because they do not change inference:
+``max_position_embeddings`` (the scalings name their own original length), ``pretraining_tp``
+(transformers 5 does not read it; it only split the same matmuls), dropouts, ``use_cache``,
+token ids, ``initializer_range`` (kept as ``init_std``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from hybrid.convert.hf_config import (
     reject_quantized,
     require_layers,
     require_value,
-    rope_from_hf,
+    rope_with_scaling_from_hf,
 )
 from hybrid.convert.mapping import NameMap, model_table, nest
 
@@ -69,14 +71,14 @@ def name_map(config: HybridConfig) -> NameMap:
 def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     """Our config of a transformers Llama config (``config.json`` as a dict)."""
     reject_quantized(hf, MODEL_TYPE)
-    theta, _ = rope_from_hf(hf, MODEL_TYPE, default_fraction=None)
+    theta, _, scaling = rope_with_scaling_from_hf(hf, MODEL_TYPE, default_fraction=None)
     common = common_from_hf(hf, vocab_default=32000, hidden_default=4096)
     attention = attention_from_hf(
         hf, heads_default=32, kv_default=None, d_model=common["d_model"]
     )  # fmt: skip
     return HybridConfig(
         pattern="*-" * hf.get("num_hidden_layers", 32),
-        attention={**attention, "rope_theta": theta},
+        attention={**attention, "rope_theta": theta, "rope_scaling": scaling},
         mlp=mlp_from_hf(hf, MODEL_TYPE, intermediate_default=11008),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         **common,
@@ -114,7 +116,11 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         **mlp_to_hf(family_options(config, "mlp", MODEL_TYPE), MODEL_TYPE),
         "num_hidden_layers": n_layers,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": attention.rope_theta},
+        "rope_parameters": {
+            "rope_type": "default",
+            **(attention.rope_scaling or {}),
+            "rope_theta": attention.rope_theta,
+        },
         "max_position_embeddings": MAX_POSITIONS,
     }
 

@@ -9,6 +9,7 @@ greedy generation, ``to_hf`` back into transformers). Mamba-2 chunk sizes are 8,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -40,6 +41,47 @@ LLAMA_CASES = {
 def test_llama_parity(case, tmp_path):
     model = random_model(LlamaForCausalLM, llama_config(**LLAMA_CASES[case]), seed=1)
     check_parity(model, tmp_path)
+
+
+ROPE_SCALINGS = {  # original length 8: the parity lengths 13 and 21 go past it
+    "linear": {"rope_type": "linear", "factor": 2.5},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    "yarn-attention-factor": {"rope_type": "yarn", "factor": 3.0, "beta_fast": 16.0,
+                              "beta_slow": 2.0, "attention_factor": 1.3,
+                              "original_max_position_embeddings": 8},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ROPE_SCALINGS))
+def test_llama_rope_scaling_parity(case, tmp_path):
+    """Llama 3.x-style RoPE scalings: forward, cached decode, greedy generation and to_hf
+    equal transformers' (which computes the frequencies itself), and the scaling matters."""
+    rope = {**ROPE_SCALINGS[case], "rope_theta": 500.0}
+    model = random_model(
+        LlamaForCausalLM, llama_config(rope_parameters=rope, max_position_embeddings=64), seed=2
+    )
+    check_parity(model, tmp_path)
+    ours = from_hf(tmp_path / "hf")
+    assert ours.config.layer_options[0].rope_scaling["rope_type"] == rope["rope_type"]
+    plain = HybridLM(dataclasses.replace(ours.config, attention={
+        **dataclasses.asdict(ours.config.attention), "rope_scaling": None}))  # fmt: skip
+    plain.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, ours.config.vocab_size, (1, 21))
+    with torch.no_grad():
+        assert relative_error(plain(ids).logits, ours(ids).logits) > 1e-3
+
+
+def test_rope_scaling_errors_name_the_key():
+    for scaling, message in [
+        ({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type: must be one of"),
+        ({"rope_type": "linear"}, "rope_scaling.factor: required by linear"),
+        ({"rope_type": "linear", "factor": -1}, "rope_scaling.factor: must be a positive"),
+        ({"rope_type": "yarn", "factor": 2.0, "low_freq_factor": 1.0}, "rope_scaling.low_freq"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            HybridConfig("*", d_model=16, vocab_size=8, attention={"rope_scaling": scaling})
 
 
 def test_llama_layout(tmp_path):
@@ -173,8 +215,8 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5000.0}
 @pytest.mark.parametrize(
     "model_type, base, change, option",
     [
-        ("llama", LLAMA_DICT, {"rope_parameters": YARN}, "rope_type"),
-        ("llama", LLAMA_DICT, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ("llama", LLAMA_DICT, {"rope_parameters": {**YARN, "rope_type": "dynamic"}}, "rope_type"),
+        ("llama", LLAMA_DICT, {"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_type"),
         ("llama", LLAMA_DICT, {"hidden_act": "gelu"}, "hidden_act"),
         ("llama", LLAMA_DICT, {"quantization_config": {"quant_method": "gptq"}}, "quantization"),
         ("mamba2", MAMBA2_DICT, {"hidden_act": "relu"}, "hidden_act"),
