@@ -12,6 +12,7 @@ from typing import Any
 
 import layers  # noqa: F401  (registers the built-in blocks)
 from hybrid.pattern import Pattern, parse_pattern, pattern_string
+from layers.attention import AttentionOptions
 from layers.options import build_options, merge_options, require, require_positive_int
 from layers.registry import get_block
 
@@ -104,6 +105,29 @@ class HybridConfig:
             options = merge_options(base, overrides, where) if overrides else base
             self.layers.append(name)
             self.layer_options.append(options.resolve(self.d_model, where))
+        self._check_positions()
+
+    def _check_positions(self) -> None:
+        """Sinusoidal positions are one encoding added to the embeddings: all or none."""
+        positions = [(index, options.position) for index, options in enumerate(self.layer_options)
+                     if isinstance(options, AttentionOptions)]  # fmt: skip
+        sinusoidal = [index for index, position in positions if position == "sinusoidal"]
+        if sinusoidal and len(sinusoidal) != len(positions):
+            other = next(index for index, position in positions if position != "sinusoidal")
+            raise ValueError(
+                f"layers[{other}].attention.position: is "
+                f"{self.layer_options[other].position!r} but layers[{sinusoidal[0]}] uses "
+                "'sinusoidal', which the model adds to the embeddings once for every "
+                "attention sublayer; use it for all of them or none"
+            )
+
+    @property
+    def absolute_position(self) -> str | None:
+        """``"sinusoidal"`` when the model adds absolute positions to its embeddings."""
+        for options in self.layer_options:
+            if isinstance(options, AttentionOptions):
+                return "sinusoidal" if options.position == "sinusoidal" else None
+        return None
 
     @property
     def pattern_string(self) -> str:

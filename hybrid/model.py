@@ -15,6 +15,7 @@ from hybrid.inference.cache import HybridCache, token_context
 from hybrid.inference.generation import GenerationMixin
 from layers.base import Block, BlockOutput, CacheEntry, TokenContext
 from layers.norm import RMSNorm
+from layers.positions import sinusoidal_encoding
 from layers.registry import get_block
 
 
@@ -83,12 +84,18 @@ class HybridLM(GenerationMixin, nn.Module):
     ``model(input_ids)`` with input_ids (batch, seqlen) returns a :class:`HybridOutput` whose
     ``logits`` are (batch, seqlen, vocab_size); ``generate`` / ``stream`` / ``beam_search`` come
     from :class:`~hybrid.inference.generation.GenerationMixin`.
+
+    With ``attention.position: sinusoidal`` the model adds the original Transformer's
+    encoding of each token's position (among its row's real tokens) to the token embeddings,
+    which are first multiplied by ``sqrt(d_model)`` as in Vaswani et al. (2017); the attention
+    sublayers then add no positions of their own.
     """
 
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.sinusoidal = config.absolute_position == "sinusoidal"
         self.sublayers = nn.ModuleList(
             Sublayer(
                 get_block(name).block_class(config.d_model, options, index),
@@ -195,7 +202,7 @@ class HybridLM(GenerationMixin, nn.Module):
         """
         self.check_token_ids(input_ids)
         context = token_context(input_ids, cache, attention_mask)
-        hidden = self.embedding(input_ids)
+        hidden = self.embed(input_ids, None if context is None else context.positions)
         aux_loss, router_stats = None, {}
         for index, sublayer in enumerate(self.sublayers):
             entry = None if cache is None else cache.entries[index]
@@ -209,6 +216,19 @@ class HybridLM(GenerationMixin, nn.Module):
             cache.advance(input_ids.shape[1], None if context is None else context.valid)
         logits = self.lm_head(self.final_norm(hidden))
         return HybridOutput(logits, aux_loss, router_stats)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (batch, n, d_model) of ``input_ids`` (batch, n), plus the
+        sinusoidal encoding of ``positions`` (batch, n; None: 0..n-1) when the model uses it."""
+        hidden = self.embedding(input_ids)
+        if not self.sinusoidal:
+            return hidden
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if hidden.dtype == torch.float64:
+            positions = positions.to(torch.float64)  # the encoding in float64 too
+        encoding = sinusoidal_encoding(positions, self.config.d_model)
+        return hidden * math.sqrt(self.config.d_model) + encoding.to(hidden.dtype)
 
     def decode_step(
         self, tokens: torch.Tensor, cache: HybridCache, position: int | torch.Tensor
@@ -228,7 +248,7 @@ class HybridLM(GenerationMixin, nn.Module):
             context = TokenContext(-1, positions, static_start=position, decoding=True)
         else:
             context = TokenContext(position, positions, decoding=True)
-        hidden = self.embedding(tokens)
+        hidden = self.embed(tokens, positions)
         for sublayer, entry in zip(self.sublayers, cache.entries, strict=True):
             hidden, _ = sublayer(hidden, entry, context)
         return self.lm_head(self.final_norm(hidden))[:, -1]

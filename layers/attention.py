@@ -1,7 +1,9 @@
-"""Causal self-attention: MHA / GQA / MQA, RoPE or none, optional sliding window."""
+"""Causal self-attention: MHA / GQA / MQA; RoPE, ALiBi, sinusoidal or no positions; optional
+sliding window."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +12,12 @@ from torch import nn
 
 from layers.base import Block, CacheEntry, TokenContext, dtype_bytes
 from layers.options import require, require_positive_int
+from layers.positions import alibi_mask, alibi_slopes
 from layers.registry import register_block
 from layers.rope import RotaryEmbedding
 from layers.rope_scaling import check_scaling
+
+POSITIONS = ("rope", "none", "alibi", "sinusoidal")
 
 
 @dataclass
@@ -23,12 +28,19 @@ class AttentionOptions:
         n_heads: query heads; None gives ``max(1, d_model // 64)``.
         n_kv_heads: key/value heads (GQA; 1 is MQA); None gives ``n_heads``.
         head_dim: per-head width; None gives ``d_model // n_heads``.
-        rope: rotary position embeddings on queries and keys (False: no positional encoding,
-            as in Jamba and Nemotron-H).
+        position: how attention knows where tokens are: ``rope`` (rotary embeddings on
+            queries and keys, the default), ``none`` (no positional encoding, as in Jamba and
+            Nemotron-H: order comes from causality and the SSM layers), ``alibi`` (per-head
+            linear biases on the scores, Press et al. 2022) or ``sinusoidal`` (the original
+            Transformer's absolute encoding; it is added once to the embeddings by the model,
+            see :class:`hybrid.model.HybridLM`, so every attention sublayer must then say
+            ``sinusoidal``). None: from ``rope``.
+        rope: the older switch: False is ``position: none``; ignored when ``position`` is set.
         rope_theta: RoPE base.
         rope_fraction: share of each head's channels that rotate (Bamba uses 0.5).
         rope_scaling: None, or transformers' ``rope_parameters`` of a context-extending
-            scaling: ``{"rope_type": "linear", "factor": 4}``, ``yarn`` (factor,
+            scaling: ``{"rope_type": "linear", "factor": 4}``, ``dynamic`` (NTK: factor,
+            original_max_position_embeddings), ``yarn`` (factor,
             original_max_position_embeddings, optional beta_fast / beta_slow /
             attention_factor / mscale / mscale_all_dim / truncate) or ``llama3`` (factor,
             original_max_position_embeddings, low_freq_factor, high_freq_factor); see
@@ -43,6 +55,7 @@ class AttentionOptions:
     n_kv_heads: int | None = None
     head_dim: int | None = None
     rope: bool = True
+    position: str | None = None
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0
     rope_scaling: dict | None = None
@@ -68,13 +81,26 @@ class AttentionOptions:
             )
         head_dim = self.head_dim if self.head_dim is not None else d_model // n_heads
         require_positive_int(head_dim, f"{where}.head_dim")
+        position = self.position
+        if position is None:
+            position = "rope" if self.rope else "none"
+        require(
+            position in POSITIONS,
+            f"{where}.position",
+            f"must be one of {', '.join(POSITIONS)}; got {position!r}",
+        )
+        require(
+            position != "rope" or self.rope is not False,
+            f"{where}.rope",
+            "false contradicts position: rope (set one of them)",
+        )
         require(
             0.0 < self.rope_fraction <= 1.0,
             f"{where}.rope_fraction",
             f"must be in (0, 1]; got {self.rope_fraction}",
         )
         require(
-            int(head_dim * self.rope_fraction) % 2 == 0,
+            position != "rope" or int(head_dim * self.rope_fraction) % 2 == 0,
             f"{where}.rope_fraction",
             f"head_dim * rope_fraction must be even; got {head_dim} * {self.rope_fraction}",
         )
@@ -86,9 +112,15 @@ class AttentionOptions:
                 f"must be a positive integer or null; got {self.window!r}",
             )
         scaling = check_scaling(self.rope_scaling, f"{where}.rope_scaling")
-        return AttentionOptions(
-            n_heads, n_kv_heads, head_dim, self.rope, float(self.rope_theta),
-            self.rope_fraction, scaling, self.window, self.qkv_bias, self.out_bias,
+        require(
+            scaling is None or position == "rope",
+            f"{where}.rope_scaling",
+            f"scales RoPE; it needs position: rope, got {position!r}",
+        )
+        return dataclasses.replace(
+            self, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            rope=position == "rope", position=position, rope_theta=float(self.rope_theta),
+            rope_scaling=scaling,
         )  # fmt: skip
 
 
@@ -100,15 +132,17 @@ def causal_attention(
     window: int | None = None,
     scale: float | None = None,
     block_size: int = 1024,
+    slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention aligned bottom-right, with an optional sliding window.
+    """Causal attention aligned bottom-right, with an optional sliding window and ALiBi.
 
     Query ``i`` sits at absolute position ``lk - lq + i``: the queries are the last ``lq``
     positions of the key sequence, as when continuing from a cache. It sees key ``j`` iff
     ``j <= pos`` and, with a window, ``j > pos - window``.
 
     Shapes: q (batch, n_heads, lq, head_dim); k, v (batch, n_kv_heads, lk, head_dim) with
-    n_kv_heads dividing n_heads -> (batch, n_heads, lq, head_dim).
+    n_kv_heads dividing n_heads -> (batch, n_heads, lq, head_dim). ``slopes`` (n_heads,):
+    ALiBi's, adding ``-slope * (query - key)`` to the scores.
 
     Masked cases run over query blocks of ``block_size`` so memory stays
     O(block_size * keys_in_view), never lq x lk at once.
@@ -117,9 +151,9 @@ def causal_attention(
     offset = lk - lq
     gqa = k.shape[1] != q.shape[1]
     full_view = window is None or window >= lk
-    if full_view and offset == 0:
+    if full_view and offset == 0 and slopes is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if full_view and lq == 1:
+    if full_view and lq == 1 and slopes is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     outputs = []
     for start in range(0, lq, block_size):
@@ -130,12 +164,15 @@ def causal_attention(
         visible = key_pos[None, :] <= query_pos[:, None]
         if not full_view:
             visible &= key_pos[None, :] > query_pos[:, None] - window
+        mask = visible
+        if slopes is not None:
+            mask = alibi_mask(visible, query_pos[:, None], key_pos[None, :], slopes, q.dtype)
         outputs.append(
             F.scaled_dot_product_attention(
                 q[..., start:stop, :],
                 k[..., key_lo : offset + stop, :],
                 v[..., key_lo : offset + stop, :],
-                attn_mask=visible,
+                attn_mask=mask,
                 scale=scale,
                 enable_gqa=gqa,
             )
@@ -154,8 +191,10 @@ def masked_attention(
     window: int | None = None,
     scale: float | None = None,
     block_size: int = 1024,
+    slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention over keys identified by absolute index, with padding and window.
+    """Causal attention over keys identified by absolute index, with padding, window and
+    ALiBi ``slopes`` (n_heads,) as in :func:`causal_attention`.
 
     Query ``i`` (at absolute index ``query_index[i]``) sees key ``j`` iff the key slot is
     filled (``key_index >= 0``), not in the future, inside the window, and a real token. A
@@ -176,12 +215,15 @@ def masked_attention(
         if window is not None:
             visible &= keys > queries - window
         visible &= key_valid[:, None, :] | (keys == queries)
+        mask = visible[:, None]
+        if slopes is not None:
+            mask = alibi_mask(visible, queries[None], keys, slopes, q.dtype)
         outputs.append(
             F.scaled_dot_product_attention(
                 q[..., start : start + block_size, :],
                 k,
                 v,
-                attn_mask=visible[:, None],
+                attn_mask=mask,
                 scale=scale,
                 enable_gqa=gqa,
             )
@@ -230,13 +272,18 @@ class KVCache(CacheEntry):
         self.valid[:, slots] = True
 
     def attend_static(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        position: torch.Tensor,
+        slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One new token per row at absolute index ``position`` (0-d int64), shapes fixed.
 
         Writes the key/value in place and attends over the whole buffer with a mask, so the
         same operations run at every step. Shapes: q (batch, n_heads, 1, head_dim); k, v
-        (batch, n_kv_heads, 1, head_dim).
+        (batch, n_kv_heads, 1, head_dim); ``slopes`` (n_heads,) for ALiBi.
         """
         slot = (position if self.window is None else position % self.window).view(1)
         self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
@@ -248,20 +295,30 @@ class KVCache(CacheEntry):
         visible = (self.key_index >= 0) & (self.key_index <= position) & self.valid
         if self.window is not None:
             visible &= self.key_index > position - self.window
+        mask = visible[:, None, None, :]
+        if slopes is not None:
+            query = position.view(1, 1, 1)
+            mask = alibi_mask(visible[:, None], query, self.key_index[:, None], slopes, q.dtype)
         return F.scaled_dot_product_attention(
             q,
             self.keys.to(q.dtype),
             self.values.to(q.dtype),
-            attn_mask=visible[:, None, None, :],
+            attn_mask=mask,
             enable_gqa=self.keys.shape[1] != q.shape[1],
         )
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: TokenContext
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        context: TokenContext,
+        slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store the new keys/values and attend the new queries over everything in view.
 
-        Shapes: q (batch, n_heads, n, head_dim); k, v (batch, n_kv_heads, n, head_dim).
+        Shapes: q (batch, n_heads, n, head_dim); k, v (batch, n_kv_heads, n, head_dim);
+        ``slopes`` (n_heads,) for ALiBi.
         """
         n, start = q.shape[-2], context.start
         new_index = torch.arange(start, start + n, device=q.device)
@@ -278,11 +335,16 @@ class KVCache(CacheEntry):
             self.values[:, :, start] = v[:, :, 0]
             self.key_index[:, start] = start
             self.valid[:, start] = True
+            mask = self.valid[:, None, None, : start + 1]
+            if slopes is not None:
+                keys = torch.arange(start + 1, device=q.device).view(1, 1, -1)
+                query = torch.full((1, 1, 1), start, device=q.device)
+                mask = alibi_mask(mask[:, 0], query, keys, slopes, q.dtype)
             return F.scaled_dot_product_attention(
                 q,
                 self.keys[:, :, : start + 1].to(q.dtype),
                 self.values[:, :, : start + 1].to(q.dtype),
-                attn_mask=self.valid[:, None, None, : start + 1],
+                attn_mask=mask,
                 enable_gqa=self.keys.shape[1] != q.shape[1],
             )
         if self.window is None:
@@ -312,6 +374,7 @@ class KVCache(CacheEntry):
             key_index=key_index,
             key_valid=key_valid,
             window=self.window,
+            slopes=slopes,
         )
 
 
@@ -337,9 +400,24 @@ class Attention(Block):
                 options.rope_theta,
                 options.rope_scaling,
             )
-            if options.rope
+            if options.position == "rope"
             else None
         )
+        self._slopes: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def alibi_slopes(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """ALiBi's slopes (n_heads,) in float32 (float64 for float64), None without ALiBi.
+
+        Kept per device and dtype outside the buffers, like RoPE's frequencies."""
+        if self.options.position != "alibi":
+            return None
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        cached = None if torch.compiler.is_compiling() else self._slopes.get((device, dtype))
+        if cached is None:
+            cached = torch.tensor(alibi_slopes(self.options.n_heads), dtype=dtype, device=device)
+            if not torch.compiler.is_compiling():
+                self._slopes[(device, dtype)] = cached
+        return cached
 
     def forward(
         self,
@@ -361,10 +439,11 @@ class Attention(Block):
             cos, sin = self.rotary.cos_sin(positions, q.dtype)
             q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        slopes = self.alibi_slopes(q.device, q.dtype)
         if cache is not None and context.static_start is not None:
-            out = cache.attend_static(q, k, v, context.static_start)
+            out = cache.attend_static(q, k, v, context.static_start, slopes)
         elif cache is not None:
-            out = cache.attend(q, k, v, context)
+            out = cache.attend(q, k, v, context, slopes)
         elif context is not None and context.valid is not None:
             index = torch.arange(hidden.shape[1], device=hidden.device)
             out = masked_attention(
@@ -375,9 +454,10 @@ class Attention(Block):
                 key_index=index.expand(hidden.shape[0], -1),
                 key_valid=context.valid,
                 window=opts.window,
+                slopes=slopes,
             )
         else:
-            out = causal_attention(q, k, v, window=opts.window)
+            out = causal_attention(q, k, v, window=opts.window, slopes=slopes)
         return self.o_proj(out.transpose(1, 2).flatten(2))  # (b, h, l, d) -> (b, l, h * d)
 
     def allocate_cache(

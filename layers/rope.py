@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layers.rope_scaling import scaled_inv_freq
+from layers.rope_scaling import dynamic_inv_freq, scaled_inv_freq
 
 
 class RotaryEmbedding(nn.Module):
@@ -22,7 +22,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.theta = theta
-        self.scaling = scaling  # see layers.rope_scaling (linear, yarn, llama3) or None
+        self.scaling = scaling  # see layers.rope_scaling, or None
         self.attention_factor = scaled_inv_freq(rotary_dim, theta, scaling)[1]
         self._inv_freq: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -50,9 +50,13 @@ class RotaryEmbedding(nn.Module):
         Angles are computed in float32 (as transformers does), float64 for float64 inputs.
         """
         angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        angles = positions.to(angle_dtype).unsqueeze(-1) * self.inv_freq(
-            positions.device, angle_dtype
-        )
+        if self.scaling is not None and self.scaling["rope_type"] == "dynamic":
+            seq_len = positions.max() + 1
+            inv_freq = dynamic_inv_freq(self.rotary_dim, self.theta, self.scaling, seq_len)
+            inv_freq = inv_freq.to(angle_dtype)
+        else:
+            inv_freq = self.inv_freq(positions.device, angle_dtype)
+        angles = positions.to(angle_dtype).unsqueeze(-1) * inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos(), angles.sin()
         if self.attention_factor != 1.0:  # YaRN's temperature

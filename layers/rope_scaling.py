@@ -1,10 +1,16 @@
 """RoPE frequency scalings that checkpoints use to extend their context: linear position
-interpolation, YaRN and Llama 3's, with transformers' ``rope_parameters`` names.
+interpolation, dynamic NTK, YaRN and Llama 3's, with transformers' ``rope_parameters`` names.
 
 Each gives the inverse frequencies theta^(-2i / d) rescaled per frequency, and an attention
-factor that multiplies cos and sin (YaRN's temperature; 1 otherwise). ``dynamic`` (NTK) changes
-the frequencies with the sequence length seen so far, which an inference cache would have to
-track; it is refused with one line.
+factor that multiplies cos and sin (YaRN's temperature; 1 otherwise).
+
+``dynamic`` (NTK-aware) raises the base with the length a forward call reaches: with
+``L = max(position) + 1`` beyond ``original_max_position_embeddings`` (transformers reads the
+config's ``max_position_embeddings``), ``theta' = theta * (factor * L / original - (factor -
+1)) ** (d / (d - 2))``. The frequencies are a function of each call's positions (transformers
+keeps the largest length seen in the module, so its results depend on earlier calls; ours do
+not). With an inference cache the keys keep the rotation of the call that wrote them, as in
+transformers' cache: chunked prefill beyond the original length is not the same as one call.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import torch
 
 from layers.options import require
 
-SCALINGS = ("linear", "yarn", "llama3")
+SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 KEYS = {
     "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
     "yarn": (
         "factor",
         "original_max_position_embeddings",
@@ -33,6 +40,7 @@ KEYS = {
 }
 REQUIRED = {
     "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
     "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
 }
@@ -45,12 +53,8 @@ def check_scaling(scaling: Any, where: str) -> dict[str, Any] | None:
         return None
     require(isinstance(scaling, dict), where, f"must be a mapping or null; got {scaling!r}")
     kind = scaling.get("rope_type")
-    require(
-        kind in SCALINGS, f"{where}.rope_type",
-        f"must be one of {', '.join(SCALINGS)}; got {kind!r}"
-        + (" (dynamic NTK scaling depends on the length seen so far; not supported)"
-           if kind == "dynamic" else ""),
-    )  # fmt: skip
+    require(kind in SCALINGS, f"{where}.rope_type",
+            f"must be one of {', '.join(SCALINGS)}; got {kind!r}")  # fmt: skip
     for key in scaling:
         require(key == "rope_type" or key in KEYS[kind], f"{where}.{key}",
                 f"not an option of {kind} scaling; valid: {', '.join(KEYS[kind])}")  # fmt: skip
@@ -83,6 +87,8 @@ def scaled_inv_freq(
     kind, factor = scaling["rope_type"], float(scaling["factor"])
     if kind == "linear":  # positions divided by the factor
         return inv_freq / factor, 1.0
+    if kind == "dynamic":  # the original frequencies up to the original length
+        return inv_freq, 1.0
     original = float(scaling["original_max_position_embeddings"])
     if kind == "llama3":
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -116,3 +122,16 @@ def scaled_inv_freq(
         else:
             attention = _yarn_mscale(factor)
     return inv_freq, float(attention)
+
+
+def dynamic_inv_freq(
+    rotary_dim: int, theta: float, scaling: dict[str, Any], seq_len: torch.Tensor
+) -> torch.Tensor:
+    """Dynamic NTK inverse frequencies (rotary_dim // 2,) in float64 for a call reaching
+    ``seq_len`` (0-d tensor: ``max(position) + 1``); tensor operations only, so it traces."""
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    length = seq_len.to(torch.float64).clamp(min=original)
+    base = theta * (factor * length / original - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=seq_len.device)
+    return 1.0 / base ** (exponents / rotary_dim)

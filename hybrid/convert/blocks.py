@@ -60,7 +60,7 @@ EXPERTS: Table = {
 }
 
 # the attention Jamba and Nemotron-H build: no positional encoding, no biases, whole prefix
-NOPE_ATTENTION = {"rope": False, "window": None, "qkv_bias": False, "out_bias": False}
+NOPE_ATTENTION = {"position": "none", "window": None, "qkv_bias": False, "out_bias": False}
 
 # ------------------------------------------------------------- Llama's attention and gated MLP
 
@@ -117,7 +117,9 @@ def attention_from_hf(
 
 def attention_to_hf(options: Any, model_type: str) -> dict[str, Any]:
     """The Llama-style attention keys of resolved attention options (no RoPE keys)."""
-    require_value(model_type, "attention.rope", options.rope, True, "RoPE on every attention")
+    require_value(
+        model_type, "attention.position", options.position, "rope", "RoPE on every attention"
+    )
     require_value(model_type, "attention.window", options.window, None, "full causal attention")
     require_value(
         model_type, "attention.out_bias", options.out_bias, options.qkv_bias,

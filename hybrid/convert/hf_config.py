@@ -81,8 +81,8 @@ def rope_with_scaling_from_hf(
     scalings: tuple[str, ...] = SCALINGS,
 ) -> tuple[float, float | None, dict[str, Any] | None]:
     """``(rope_theta, partial_rotary_factor, rope_scaling)``: :func:`rope_from_hf` plus the
-    ``scalings`` the model may use (linear / yarn / llama3) as our ``attention.rope_scaling``
-    (None for plain RoPE)."""
+    ``scalings`` the model may use (linear / dynamic / yarn / llama3) as our
+    ``attention.rope_scaling`` (None for plain RoPE)."""
     params = hf.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise unsupported(model_type, "rope_parameters", params, "a mapping")
@@ -112,6 +112,8 @@ def rope_with_scaling_from_hf(
         )  # fmt: skip
     keys = set(KEYS[rope_type])
     scaling = {"rope_type": rope_type, **{k: v for k, v in merged.items() if k in keys}}
+    if rope_type == "dynamic":  # transformers scales from the config's max_position_embeddings
+        scaling["original_max_position_embeddings"] = hf.get("max_position_embeddings", 2048)
     try:
         check_scaling(scaling, "rope_parameters")
     except ValueError as error:

@@ -5,11 +5,12 @@ then a gated MLP, so an ``n``-layer Llama is the pattern ``"*-" * n``.
 
 Read and written: sizes, heads / key-value heads / head_dim, ``rms_norm_eps``, ``rope_theta``,
 ``attention_bias`` (q, k, v and o), ``mlp_bias``, ``hidden_act`` silu (SwiGLU) or
-gelu_pytorch_tanh (GeGLU), ``tie_word_embeddings``, and the RoPE types ``linear``, ``yarn`` and
-``llama3`` (Llama 3.x checkpoints; ``rope_parameters`` or an old ``rope_scaling``) as
-``attention.rope_scaling``. Refused: other RoPE types (``dynamic``, ``longrope``, ...), other
+gelu_pytorch_tanh (GeGLU), ``tie_word_embeddings``, and the RoPE types ``linear``, ``dynamic``,
+``yarn`` and ``llama3`` (Llama 3.x checkpoints; ``rope_parameters`` or an old ``rope_scaling``)
+as ``attention.rope_scaling``. Refused: other RoPE types (``longrope``, ...), other
 activations, quantized checkpoints. Ignored because they do not change inference:
-``max_position_embeddings`` (the scalings name their own original length), ``pretraining_tp``
+``max_position_embeddings`` (except for ``dynamic``, which scales from it; the other scalings
+name their own original length), ``pretraining_tp``
 (transformers 5 does not read it; it only split the same matmuls), dropouts, ``use_cache``,
 token ids, ``initializer_range`` (kept as ``init_std``).
 """
@@ -110,6 +111,8 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
             f"{MODEL_TYPE}: cannot express n_heads={attention.n_heads} with "
             f"d_model={config.d_model} (transformers requires hidden_size % heads == 0)"
         )
+    scaling = attention.rope_scaling or {}
+    dynamic, original = scaling.get("rope_type") == "dynamic", "original_max_position_embeddings"
     return {
         **common_to_hf(config, MODEL_TYPE, "LlamaForCausalLM"),
         **attention_to_hf(attention, MODEL_TYPE),
@@ -118,10 +121,11 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         "rms_norm_eps": config.norm_eps,
         "rope_parameters": {
             "rope_type": "default",
-            **(attention.rope_scaling or {}),
+            **{k: v for k, v in scaling.items() if not (dynamic and k == original)},
             "rope_theta": attention.rope_theta,
         },
-        "max_position_embeddings": MAX_POSITIONS,
+        # dynamic NTK scales from max_position_embeddings; plain RoPE runs at any length
+        "max_position_embeddings": scaling[original] if dynamic else MAX_POSITIONS,
     }
 
 

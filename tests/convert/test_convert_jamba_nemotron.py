@@ -130,7 +130,7 @@ def test_jamba_unsupported_options(option, value):
 @pytest.mark.parametrize(
     "change, option",
     [
-        ({"attention": {"n_heads": 4, "rope": True}}, "attention.rope"),
+        ({"attention": {"n_heads": 4, "rope": True}}, "attention.position"),
         ({"mamba1": {"inner_norms": False}}, "mamba1.inner_norms"),
         ({"moe": {"n_experts": 4, "normalize_top_k": True}}, "moe.normalize_top_k"),
         ({"mlp": {"activation": "gelu"}}, "mlp.activation"),
@@ -287,7 +287,7 @@ def test_nemotron_h_unsupported_options(option, value):
     "change, option",
     [
         ({"pattern": "MS"}, "pattern"),
-        ({"attention": {"n_heads": 4}}, "attention.rope"),
+        ({"attention": {"n_heads": 4}}, "attention.position"),
         ({"mlp": {"activation": "swiglu"}}, "mlp.activation"),
         ({"moe": {"n_experts": 4, "activation": "relu2", "router": "sigmoid"}}, "n_shared_experts"),
         ({"mamba2": {"dt_limit": (0.0, 1.0)}}, "mamba2.dt_limit"),

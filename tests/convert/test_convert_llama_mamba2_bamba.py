@@ -73,9 +73,64 @@ def test_llama_rope_scaling_parity(case, tmp_path):
         assert relative_error(plain(ids).logits, ours(ids).logits) > 1e-3
 
 
+def test_llama_dynamic_rope_parity(tmp_path):
+    """Dynamic NTK RoPE (frequencies from each call's length past max_position_embeddings=8):
+    forward at lengths below and past it, cached prefill + decode against transformers' cached
+    decode, greedy generation and to_hf, each against a freshly loaded transformers model
+    (its module keeps the longest length seen, ours depends on the call only)."""
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}
+    # No end-of-sequence id: transformers' min_new_tokens would forbid a greedy pick of it.
+    config = llama_config(rope_parameters=rope, max_position_embeddings=8, eos_token_id=None)
+    random_model(LlamaForCausalLM, config, seed=3).save_pretrained(tmp_path / "hf")
+
+    def fresh():
+        return LlamaForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+
+    ours = from_hf(tmp_path / "hf")
+    assert ours.config.layer_options[0].rope_scaling == {
+        "rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}  # fmt: skip
+    plain = HybridLM(dataclasses.replace(ours.config, attention={
+        **dataclasses.asdict(ours.config.attention), "rope_scaling": None}))  # fmt: skip
+    plain.load_state_dict(ours.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for length in (6, 13, 21):
+            ids = torch.randint(0, config.vocab_size, (2, length), generator=generator)
+            assert relative_error(ours(ids).logits, fresh()(ids).logits) < 1e-4, length
+            differs = relative_error(plain(ids).logits, ours(ids).logits) > 1e-3
+            assert differs == (length > 8), length
+        hf, split = fresh(), 6
+        out = hf(ids[:, :split], use_cache=True)
+        theirs, past = [out.logits], out.past_key_values
+        for i in range(split, ids.shape[1]):
+            out = hf(ids[:, i : i + 1], past_key_values=past, use_cache=True)
+            theirs.append(out.logits)
+        cache = ours.allocate_cache(2, ids.shape[1])
+        mine = [ours(ids[:, :split], cache=cache).logits]
+        mine += [ours(ids[:, i : i + 1], cache=cache).logits for i in range(split, ids.shape[1])]
+        assert relative_error(torch.cat(mine, 1), torch.cat(theirs, 1)) < 1e-4
+        prompt = ids[:1, :7]
+        expected = fresh().generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    assert ours.generate(prompt, 8).tolist() == expected.tolist()
+    to_hf(ours, tmp_path / "back", "llama")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "back").float().eval()
+    assert back.config.max_position_embeddings == 8
+    assert back.config.rope_parameters["rope_type"] == "dynamic"
+    with torch.no_grad():
+        assert relative_error(back(ids).logits, fresh()(ids).logits) < 1e-4
+
+
 def test_rope_scaling_errors_name_the_key():
     for scaling, message in [
-        ({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type: must be one of"),
+        ({"rope_type": "longrope", "factor": 2.0}, "rope_scaling.rope_type: must be one of"),
+        ({"rope_type": "dynamic", "factor": 2.0}, "original_max_position_embeddings: required"),
+        (
+            {"rope_type": "yarn", "factor": 0, "original_max_position_embeddings": 8},
+            "rope_scaling.factor: must be a positive",
+        ),
         ({"rope_type": "linear"}, "rope_scaling.factor: required by linear"),
         ({"rope_type": "linear", "factor": -1}, "rope_scaling.factor: must be a positive"),
         ({"rope_type": "yarn", "factor": 2.0, "low_freq_factor": 1.0}, "rope_scaling.low_freq"),
@@ -215,7 +270,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5000.0}
 @pytest.mark.parametrize(
     "model_type, base, change, option",
     [
-        ("llama", LLAMA_DICT, {"rope_parameters": {**YARN, "rope_type": "dynamic"}}, "rope_type"),
+        ("llama", LLAMA_DICT, {"rope_parameters": {**YARN, "rope_type": "longrope"}}, "rope_type"),
         ("llama", LLAMA_DICT, {"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_type"),
         ("llama", LLAMA_DICT, {"hidden_act": "gelu"}, "hidden_act"),
         ("llama", LLAMA_DICT, {"quantization_config": {"quant_method": "gptq"}}, "quantization"),
@@ -267,7 +322,7 @@ def tiny(pattern, **fields) -> HybridLM:
         ("mamba2", tiny("M", mamba2={"headdim": 8, "n_heads": 3}), "inner width 24"),
         ("mamba2", tiny("M", mamba2={"headdim": 8, "norm_eps": 1e-3}), "norm_eps"),
         ("bamba", tiny("MM"), "mixer \\(M or \\*\\) then an MLP"),
-        ("bamba", tiny("M-*-", attention={"rope": False}), "attention.rope=False"),
+        ("bamba", tiny("M-*-", attention={"rope": False}), "attention.position='none'"),
         ("bamba", tiny("M-", mlp={"activation": "geglu"}), "mlp.activation='geglu'"),
     ],
 )

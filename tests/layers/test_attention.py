@@ -1,4 +1,5 @@
-"""Attention against an explicit float64 softmax(QK^T / sqrt(d)) V written here."""
+"""Attention against an explicit float64 softmax(QK^T / sqrt(d) [- slope (i - j)]) V written
+here."""
 
 import math
 
@@ -10,8 +11,9 @@ from layers.attention import Attention, causal_attention
 from layers.base import TokenContext
 
 
-def softmax_attention_reference(q, k, v, window=None):
-    """q (b, h, lq, d), k/v (b, hkv, lk, d); queries are the last lq positions."""
+def softmax_attention_reference(q, k, v, window=None, slopes=None):
+    """q (b, h, lq, d), k/v (b, hkv, lk, d); queries are the last lq positions; ``slopes``
+    (a list per query head): ALiBi's ``- slope * (query position - key position)``."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     out = torch.zeros_like(q)
@@ -23,9 +25,10 @@ def softmax_attention_reference(q, k, v, window=None):
                 scores = []
                 for j in range(lk):
                     visible = j <= pos and (window is None or j > pos - window)
-                    scores.append(
-                        (q[b, h, i] @ k[b, kv, j]).item() / math.sqrt(dim) if visible else -math.inf
-                    )
+                    score = (q[b, h, i] @ k[b, kv, j]).item() / math.sqrt(dim)
+                    if slopes is not None:
+                        score -= slopes[h] * (pos - j)
+                    scores.append(score if visible else -math.inf)
                 scores = torch.tensor(scores, dtype=q.dtype)
                 weights = torch.exp(scores - scores.max())
                 weights = weights / weights.sum()
@@ -76,8 +79,11 @@ def attention_block_reference(block, x):
             rope_reference(q, opts.rope_theta, rotary_dim),
             rope_reference(k, opts.rope_theta, rotary_dim),
         )
+    slopes = None
+    if opts.position == "alibi":  # the paper's slopes for 2, 4 or 8 heads: 2^(-8 h / n)
+        slopes = [2.0 ** (-8 * (h + 1) / opts.n_heads) for h in range(opts.n_heads)]
     out = softmax_attention_reference(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), opts.window
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), opts.window, slopes
     )
     return out.transpose(1, 2).reshape(b, length, -1) @ block.o_proj.weight.T
 
@@ -90,6 +96,10 @@ def attention_block_reference(block, x):
         {"n_heads": 4, "n_kv_heads": 1, "window": 3},
         {"n_heads": 2, "rope": False, "qkv_bias": True},
         {"n_heads": 4, "n_kv_heads": 2, "rope_fraction": 0.5, "head_dim": 12},
+        {"n_heads": 4, "position": "none"},
+        {"n_heads": 4, "n_kv_heads": 2, "position": "alibi"},
+        {"n_heads": 8, "n_kv_heads": 1, "position": "alibi", "window": 4, "head_dim": 4},
+        {"n_heads": 2, "position": "alibi", "qkv_bias": True},
     ],
 )
 def test_attention_block_matches_reference(options):
