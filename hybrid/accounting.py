@@ -37,16 +37,35 @@ class ModelInfo:
     total_parameters: int
     active_parameters: int
     embedding_parameters: int
+    kv_dtype: str = ""  # what keys / values are stored in (the cache dtype unless int8 etc.)
+    state_dtype: str = "float32"
 
     @property
     def cache_bytes(self) -> int:
         return sum(row.cache_bytes for row in self.rows)
 
 
-def describe(config: HybridConfig, context: int, dtype: torch.dtype = torch.bfloat16) -> ModelInfo:
-    """Count parameters (built on the meta device: no memory) and cache bytes per sequence."""
+def describe(
+    config: HybridConfig,
+    context: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    kv_dtype: torch.dtype | str | None = None,
+    state_dtype: torch.dtype | str | None = None,
+) -> ModelInfo:
+    """Count parameters (built on the meta device: no memory) and cache bytes per sequence.
+
+    ``kv_dtype`` / ``state_dtype`` as in :meth:`HybridLM.allocate_cache` (e.g. ``"int8"``
+    keys and values with their scales): the bytes are then those of a cache allocated on the
+    meta device, entry by entry.
+    """
     with torch.device("meta"):
         model = HybridLM(config)
+    allocated = None
+    if kv_dtype is not None or state_dtype is not None:
+        cache = model.allocate_cache(1, context, dtype, kv_dtype=kv_dtype, state_dtype=state_dtype)
+        allocated = cache.layer_nbytes()
+        names = cache.precision.names()
     rows = []
     for index, (name, options, block) in enumerate(
         zip(config.layers, config.layer_options, model.blocks, strict=True)
@@ -63,7 +82,9 @@ def describe(config: HybridConfig, context: int, dtype: torch.dtype = torch.bflo
                 active_parameters=block.active_parameters() + norm_params,
                 cache_bytes=spec.block_class.inference_state_bytes(
                     config.d_model, options, context, dtype
-                ),
+                )
+                if allocated is None
+                else allocated[index],
             )
         )
     return ModelInfo(
@@ -74,6 +95,9 @@ def describe(config: HybridConfig, context: int, dtype: torch.dtype = torch.bflo
         total_parameters=model.num_parameters(),
         active_parameters=model.num_parameters(active=True),
         embedding_parameters=model.num_parameters() - model.num_parameters(embeddings=False),
+        kv_dtype=(names["kv_dtype"] if allocated else None) or str(dtype).removeprefix("torch."),
+        state_dtype=(names["state_dtype"] if allocated else None)
+        or str(torch.promote_types(dtype, torch.float32)).removeprefix("torch."),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from hybrid.config import HybridConfig
-from hybrid.inference.cache import HybridCache, token_context
+from hybrid.inference.cache import CachePrecision, HybridCache, token_context, with_precision
 from hybrid.inference.generation import GenerationMixin
 from layers.base import Block, BlockOutput, CacheEntry, TokenContext
 from layers.norm import RMSNorm
@@ -94,6 +95,7 @@ class HybridLM(GenerationMixin, nn.Module):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
         self.config = config
+        self.cache_precision = CachePrecision()  # kv / state dtypes of caches by default
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.sinusoidal = config.absolute_position == "sinusoidal"
         self.sublayers = nn.ModuleList(
@@ -160,30 +162,51 @@ class HybridLM(GenerationMixin, nn.Module):
             )
 
     def allocate_cache(
-        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_seqlen: int,
+        dtype: torch.dtype | str | None = None,
+        *,
+        kv_dtype: torch.dtype | str | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> HybridCache:
         """An empty inference cache for ``batch_size`` sequences of up to ``max_seqlen`` tokens.
 
-        ``dtype`` is that of keys, values and conv states (default: the model's); SSM states
-        are always float32 (or wider).
+        ``dtype`` is that of keys, values and conv states (default: the model's).
+        ``kv_dtype``: attention keys and values in ``"int8"`` (per-token, per-head scales) or
+        another float dtype (default: ``dtype``). ``state_dtype``: SSM states (default
+        float32, or wider; ``torch.bfloat16`` halves them). Unset ``kv_dtype`` /
+        ``state_dtype`` fall back to ``model.cache_precision`` (what ``generate`` and the
+        evaluations then use; set by ``--kv-dtype`` / ``--state-dtype``).
         """
         for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer; got {value!r}")
+        defaults = self.cache_precision
+        precision = CachePrecision.of(
+            dtype,
+            defaults.kv_dtype if kv_dtype is None else kv_dtype,
+            defaults.state_dtype if state_dtype is None else state_dtype,
+        )
         for index, sublayer in enumerate(self.sublayers):
             if get_block(self.config.layers[index]).role == "mixer" and not sublayer.takes_context:
                 raise ValueError(
                     f"layers[{index}]: block {self.config.layers[index]!r} mixes tokens but its "
                     "forward takes no cache/context, so it cannot run with an inference cache"
                 )
-        dtype = dtype or self.embedding.weight.dtype
+        dtype = precision.dtype or self.embedding.weight.dtype
+        precision = dataclasses.replace(precision, dtype=dtype)
         device = self.embedding.weight.device
+        entries = [
+            block.allocate_cache(batch_size, max_seqlen, dtype, device) for block in self.blocks
+        ]
         return HybridCache(
-            [block.allocate_cache(batch_size, max_seqlen, dtype, device) for block in self.blocks],
+            [with_precision(entry, precision) for entry in entries],
             batch_size=batch_size,
             max_seqlen=max_seqlen,
             fingerprint=self.config.fingerprint(),
             device=device,
+            precision=precision,
         )
 
     def forward(

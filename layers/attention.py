@@ -265,11 +265,35 @@ class KVCache(CacheEntry):
         index = torch.arange(max(0, length - capacity), length, device=self.keys.device)
         slots = index % capacity if self.window is not None else index
         shape = (*self.keys.shape[:2], index.numel(), self.keys.shape[3])
-        for tensor in (self.keys, self.values):
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-            tensor[:, :, slots] = noise.to(device=tensor.device, dtype=tensor.dtype)
+        k, v = (torch.randn(shape, generator=generator).to(self.keys.device) for _ in range(2))
+        self.store(slots, k, v)
         self.key_index[:, slots] = index
         self.valid[:, slots] = True
+
+    def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys / values (batch, n_kv_heads, n, head_dim) into ``slots`` (a slice, or
+        (n,) int64 indices) of the capacity dimension, in the cache's dtype."""
+        self.keys[:, :, slots] = k.to(self.keys.dtype)
+        self.values[:, :, slots] = v.to(self.values.dtype)
+
+    def store_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`store` of one token at ``slot`` ((1,) int64) with ``index_copy_``, whose
+        addresses and shapes never change (what CUDA graphs capture)."""
+        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
+        self.values.index_copy_(2, slot, v.to(self.values.dtype))
+
+    def read(self, end: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots ``[0, end)`` (None: every slot) in ``dtype``."""
+        keys, values = (self.keys, self.values) if end is None else (
+            self.keys[:, :, :end], self.values[:, :, :end]
+        )  # fmt: skip
+        return keys.to(dtype), values.to(dtype)
+
+    def round_trip(
+        self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k``, ``v`` as :meth:`read` would return them after :meth:`store`, in ``dtype``."""
+        return k.to(self.keys.dtype).to(dtype), v.to(self.values.dtype).to(dtype)
 
     def attend_static(
         self,
@@ -286,8 +310,7 @@ class KVCache(CacheEntry):
         (batch, n_kv_heads, 1, head_dim); ``slopes`` (n_heads,) for ALiBi.
         """
         slot = (position if self.window is None else position % self.window).view(1)
-        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
-        self.values.index_copy_(2, slot, v.to(self.values.dtype))
+        self.store_at(slot, k, v)
         # index_copy_, not index_fill_ with a tensor value: that one reads the value back to
         # the host (.item()), a sync that CUDA-graph capture forbids.
         self.key_index.index_copy_(1, slot, position.view(1, 1).expand(self.key_index.shape[0], 1))
@@ -299,12 +322,9 @@ class KVCache(CacheEntry):
         if slopes is not None:
             query = position.view(1, 1, 1)
             mask = alibi_mask(visible[:, None], query, self.key_index[:, None], slopes, q.dtype)
+        keys, values = self.read(None, q.dtype)
         return F.scaled_dot_product_attention(
-            q,
-            self.keys.to(q.dtype),
-            self.values.to(q.dtype),
-            attn_mask=mask,
-            enable_gqa=self.keys.shape[1] != q.shape[1],
+            q, keys, values, attn_mask=mask, enable_gqa=self.keys.shape[1] != q.shape[1]
         )
 
     def attend(
@@ -327,12 +347,10 @@ class KVCache(CacheEntry):
             if context.valid is not None
             else torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
         )
-        k, v = k.to(self.keys.dtype), v.to(self.values.dtype)  # the cache may be narrower
         if self.window is None and n == 1 and context.valid is None:
             # A decode step: every slot before ``start`` is filled, so the real-token flags
             # are the whole mask.
-            self.keys[:, :, start] = k[:, :, 0]
-            self.values[:, :, start] = v[:, :, 0]
+            self.store(slice(start, start + 1), k, v)
             self.key_index[:, start] = start
             self.valid[:, start] = True
             mask = self.valid[:, None, None, : start + 1]
@@ -340,36 +358,34 @@ class KVCache(CacheEntry):
                 keys = torch.arange(start + 1, device=q.device).view(1, 1, -1)
                 query = torch.full((1, 1, 1), start, device=q.device)
                 mask = alibi_mask(mask[:, 0], query, keys, slopes, q.dtype)
+            keys, values = self.read(start + 1, q.dtype)
             return F.scaled_dot_product_attention(
-                q,
-                self.keys[:, :, : start + 1].to(q.dtype),
-                self.values[:, :, : start + 1].to(q.dtype),
-                attn_mask=mask,
-                enable_gqa=self.keys.shape[1] != q.shape[1],
+                q, keys, values, attn_mask=mask, enable_gqa=self.keys.shape[1] != q.shape[1]
             )
         if self.window is None:
             end = start + n
-            self.keys[:, :, start:end] = k
-            self.values[:, :, start:end] = v
+            self.store(slice(start, end), k, v)
             self.key_index[:, start:end] = new_index
             self.valid[:, start:end] = new_valid
-            keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+            keys, values = self.read(end, q.dtype)
             key_index, key_valid = self.key_index[:, :end], self.valid[:, :end]
         else:
-            keys = torch.cat([self.keys, k], dim=2)
-            values = torch.cat([self.values, v], dim=2)
+            # The ring before this call's writes, then the new keys as a read would give them.
+            kept_keys, kept_values = self.read(None, q.dtype)
+            new_keys, new_values = self.round_trip(k, v, q.dtype)
+            keys = torch.cat([kept_keys, new_keys], dim=2)
+            values = torch.cat([kept_values, new_values], dim=2)
             key_index = torch.cat([self.key_index, new_index.expand(q.shape[0], n)], dim=1)
             key_valid = torch.cat([self.valid, new_valid], dim=1)
             kept = slice(max(0, n - self.window), n)  # the newest tokens that fit the ring
             slots = new_index[kept] % self.window
-            self.keys[:, :, slots] = k[:, :, kept]
-            self.values[:, :, slots] = v[:, :, kept]
+            self.store(slots, k[:, :, kept], v[:, :, kept])
             self.key_index[:, slots] = new_index[kept]
             self.valid[:, slots] = new_valid[:, kept]
         return masked_attention(
             q,
-            keys.to(q.dtype),
-            values.to(q.dtype),
+            keys,
+            values,
             query_index=new_index,
             key_index=key_index,
             key_valid=key_valid,

@@ -111,10 +111,11 @@ class Mamba1(Block):
             dt_args = {}
         A = state_matrix(self)
         if step:
+            state = cache.working_state()
             y = selective_scan_update(
-                cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, z=z[:, 0],
-                **dt_args,
+                state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, z=z[:, 0], **dt_args,
             )  # fmt: skip
+            cache.store_state(state)
             return self.out_proj(y[:, None, :])
         y = selective_scan(
             x.transpose(1, 2),

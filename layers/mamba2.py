@@ -128,8 +128,9 @@ class Mamba2(Block):
             # One decoding step: the recurrence directly, on the cache's state in place.
             batch = hidden.shape[0]
             x, B, C = xbc[:, 0].split_with_sizes([self.d_inner, group_width, group_width], -1)
+            state = cache.working_state()
             y = ssd_update(
-                cache.ssm_state,
+                state,
                 x.view(batch, self.nheads, opts.headdim),
                 dt[:, 0],
                 A,
@@ -140,6 +141,7 @@ class Mamba2(Block):
                 dt_softplus=True,
                 dt_limit=opts.dt_limit,
             ).view(batch, 1, self.d_inner)
+            cache.store_state(state)
         else:
             dt_args = {"dt_bias": self.dt_bias, "dt_softplus": True, "dt_limit": opts.dt_limit}
             if valid is not None:

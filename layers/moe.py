@@ -134,6 +134,12 @@ class Experts(nn.Module):
             if weight is not None:
                 nn.init.normal_(weight, std=std)
 
+    def stacked(self, name: str) -> torch.Tensor | None:
+        """The weight ``name`` for all experts, (n_experts, out, in); dequantized when
+        :func:`hybrid.quantize.quantize` has replaced it with a quantized weight."""
+        weight = getattr(self, name)
+        return weight if weight is None or isinstance(weight, torch.Tensor) else weight.dequantize()
+
     def expert_forward(self, expert: int, tokens: torch.Tensor) -> torch.Tensor:
         """Run expert ``expert`` on ``tokens`` (n, d_model) -> (n, d_model)."""
 
@@ -270,16 +276,16 @@ class MoE(Block):
         _, weights, indices = self.route(tokens)
         dense = torch.zeros(tokens.shape[0], self.options.n_experts, dtype=weights.dtype,
                             device=tokens.device).scatter(1, indices, weights)  # fmt: skip
-        up = torch.einsum("td,ehd->teh", tokens, experts.up_proj)
+        up = torch.einsum("td,ehd->teh", tokens, experts.stacked("up_proj"))
         if experts.up_bias is not None:
             up = up + experts.up_bias
         gate = None
         if experts.gated:
-            gate = torch.einsum("td,ehd->teh", tokens, experts.gate_proj)
+            gate = torch.einsum("td,ehd->teh", tokens, experts.stacked("gate_proj"))
             if experts.gate_bias is not None:
                 gate = gate + experts.gate_bias
         inner = activate(experts.activation, up, gate)
-        out = torch.einsum("teh,edh->ted", inner, experts.down_proj)
+        out = torch.einsum("teh,edh->ted", inner, experts.stacked("down_proj"))
         if experts.down_bias is not None:
             out = out + experts.down_bias
         combined = torch.einsum("te,ted->td", dense.to(out.dtype), out)

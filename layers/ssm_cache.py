@@ -24,8 +24,9 @@ class SSMCache(CacheEntry):
     Attributes:
         conv_state: (batch, conv_dim, d_conv - 1), the last inputs of the causal conv, in the
             model's dtype.
-        ssm_state: float32; Mamba-2 (batch, nheads, headdim, d_state), Mamba-1
-            (batch, d_inner, d_state).
+        ssm_state: float32 (or wider; bfloat16 when the cache is allocated with
+            ``state_dtype=torch.bfloat16``, still updated in float32); Mamba-2
+            (batch, nheads, headdim, d_state), Mamba-1 (batch, d_inner, d_state).
     """
 
     conv_state: torch.Tensor
@@ -54,6 +55,19 @@ class SSMCache(CacheEntry):
                 device=device,
             ),
         )
+
+    def working_state(self) -> torch.Tensor:
+        """The state a decode step updates in place: ``ssm_state`` itself when it is float32
+        or wider, else (a bfloat16 / float16 state) a float32 copy that
+        :meth:`store_state` rounds back into it."""
+        state = self.ssm_state
+        return state if state.dtype in (torch.float32, torch.float64) else state.float()
+
+    def store_state(self, state: torch.Tensor) -> None:
+        """Write back what :meth:`working_state` returned (nothing to do when it is the
+        buffer itself)."""
+        if state is not self.ssm_state:
+            self.ssm_state.copy_(state)
 
     @staticmethod
     def sequence_bytes(conv_dim: int, d_conv: int, state_size: int, dtype: torch.dtype) -> int:

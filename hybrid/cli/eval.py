@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hybrid.checkpoint import load_model, resolve_checkpoint
-from hybrid.cli.parsing import DTYPES, OneLineParser
+from hybrid.cli.parsing import DTYPES, OneLineParser, add_precision_arguments, apply_precision
 from hybrid.eval.checkpoints import default_out_dir
 from hybrid.eval.inference import DEFAULT_CHUNK_SIZE, check_positive
 from hybrid.eval.results import RESULTS_FILE, run_meta, save_results
@@ -63,6 +63,7 @@ def build_parser(task: Task, module: ModuleType) -> OneLineParser:
     )  # fmt: skip
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto)")
     common.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights")
+    add_precision_arguments(common)
     common.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads (default: torch's; 1 for decode, whose timings need it)",
@@ -132,6 +133,7 @@ def evaluate_and_write(
     if args.checkpoint is not None:
         tokenizer = load_tokenizer(args.checkpoint)
         model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+        meta["precision"] = apply_precision(model, args)
         out = Path(args.out) if args.out else default_out_dir(args.checkpoint, task.name)
         meta["checkpoint"] = str(args.checkpoint)
         meta["checkpoint_resolved"] = str(resolve_checkpoint(args.checkpoint).resolve())

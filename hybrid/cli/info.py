@@ -9,6 +9,8 @@ def format_info(info: ModelInfo) -> str:
     """The report as a text table plus totals."""
     config = info.config
     dtype_name = str(info.dtype).removeprefix("torch.")
+    scales = " (+ scales)" if info.kv_dtype == "int8" else ""
+    kv = "KV and " if info.kv_dtype == dtype_name else f"KV in {info.kv_dtype}{scales}, "
     header = f"{'idx':>4}  {'sym':^3}  {'block':<10} {'params':>10} {'active':>10} {'cache':>12}"
     lines = [
         f"pattern {config.pattern_string}  ({len(config.layers)} sublayers, d_model "
@@ -29,7 +31,7 @@ def format_info(info: ModelInfo) -> str:
         f"active parameters:  {info.active_parameters:,} ({human_count(info.active_parameters)}; "
         "MoE counts top-k experts)",
         f"inference cache per sequence at {info.context:,} tokens: "
-        f"{human_bytes(info.cache_bytes)} ({info.cache_bytes:,} bytes; KV and conv state in "
-        f"{dtype_name}, SSM state in float32)",
+        f"{human_bytes(info.cache_bytes)} ({info.cache_bytes:,} bytes; {kv}conv state in "
+        f"{dtype_name}, SSM state in {info.state_dtype})",
     ]
     return "\n".join(lines)

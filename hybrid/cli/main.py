@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from hybrid.cli.parsing import DTYPES, OneLineParser
+from hybrid.cli.parsing import DTYPES, KV_DTYPES, OneLineParser, add_precision_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--d-model", type=int, default=None, help="width (pattern only; default 512)")
     info.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 32000)")
     info.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="cache dtype")
+    info.add_argument(
+        "--kv-dtype", choices=KV_DTYPES, default=None,
+        help="attention keys / values: int8 (per-token, per-head float16 scales) or a float "
+        "dtype (default: --dtype)",
+    )  # fmt: skip
+    info.add_argument(
+        "--state-dtype", choices=sorted(DTYPES), default=None,
+        help="SSM states (default float32)",
+    )  # fmt: skip
     train = commands.add_parser(
         "train",
         help="train a model from a YAML recipe (Lightning; W&B + CSV tracking)",
@@ -58,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--device", default="cpu")
+    add_precision_arguments(generate)
     generate.add_argument(
         "--compile", action="store_true",
         help="compile the decode step with torch.compile first (pays for long generations; "
@@ -102,6 +112,7 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     from hybrid.checkpoint import load_model
+    from hybrid.cli.parsing import apply_precision
     from hybrid.inference.sampling import SamplingConfig
     from hybrid.tokenizer import load_tokenizer
 
@@ -113,6 +124,7 @@ def run_generate(args: argparse.Namespace) -> None:
         repetition_penalty=args.repetition_penalty,
     )
     model = load_model(args.checkpoint, device=args.device)
+    apply_precision(model, args)
     tokenizer = load_tokenizer(args.checkpoint)
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -176,7 +188,11 @@ def run_info(args: argparse.Namespace) -> None:
     config = load_model_config(
         args.source, args.overrides, d_model=args.d_model, vocab_size=args.vocab_size
     )
-    print(format_info(describe(config, args.context, DTYPES[args.dtype])))
+    info = describe(
+        config, args.context, DTYPES[args.dtype], kv_dtype=args.kv_dtype,
+        state_dtype=args.state_dtype,
+    )  # fmt: skip
+    print(format_info(info))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,87 @@ import torch
 
 from layers.base import CacheEntry, TokenContext
 
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+KV_DTYPES = ("int8", *FLOAT_DTYPES)
+
+
+@dataclass(frozen=True)
+class CachePrecision:
+    """How a cache stores its tensors.
+
+    Attributes:
+        dtype: keys, values and conv states (None: the model's dtype).
+        kv_dtype: attention keys and values when they differ from ``dtype``: ``"int8"``
+            (per-token, per-head scales; :class:`~layers.kv_int8.Int8KVCache`) or a float
+            dtype; None: ``dtype``.
+        state_dtype: SSM recurrent states (None: float32, or float64 for float64 models);
+            bfloat16 halves them, each decode step still computing in float32.
+    """
+
+    dtype: torch.dtype | None = None
+    kv_dtype: str | torch.dtype | None = None
+    state_dtype: torch.dtype | None = None
+
+    @classmethod
+    def of(
+        cls,
+        dtype: torch.dtype | str | None = None,
+        kv_dtype: torch.dtype | str | None = None,
+        state_dtype: torch.dtype | str | None = None,
+    ) -> CachePrecision:
+        """Checked settings from dtypes or their names; one-line ``ValueError`` otherwise."""
+        kv = None if kv_dtype is None else (
+            "int8" if kv_dtype in ("int8", torch.int8) else _float_dtype("kv_dtype", kv_dtype)
+        )  # fmt: skip
+        return cls(
+            dtype=None if dtype is None else _float_dtype("dtype", dtype),
+            kv_dtype=kv,
+            state_dtype=None if state_dtype is None else _float_dtype("state_dtype", state_dtype),
+        )
+
+    def names(self) -> dict[str, str | None]:
+        """The settings as names (JSON), None where unset."""
+
+        def name(value: object) -> str | None:
+            return None if value is None else str(value).removeprefix("torch.")
+
+        return {
+            "dtype": name(self.dtype),
+            "kv_dtype": name(self.kv_dtype),
+            "state_dtype": name(self.state_dtype),
+        }
+
+
+def with_precision(entry: CacheEntry | None, precision: CachePrecision) -> CacheEntry | None:
+    """``entry`` (just allocated, empty) stored as ``precision`` says: attention keys and
+    values in ``kv_dtype``, SSM states in ``state_dtype``; other entries unchanged."""
+    from layers.attention import KVCache
+    from layers.kv_int8 import Int8KVCache
+    from layers.ssm_cache import SSMCache
+
+    if isinstance(entry, KVCache) and precision.kv_dtype is not None:
+        if precision.kv_dtype == "int8":
+            return Int8KVCache.like(entry)
+        entry.keys = entry.keys.to(precision.kv_dtype)
+        entry.values = entry.values.to(precision.kv_dtype)
+    if isinstance(entry, SSMCache) and precision.state_dtype is not None:
+        entry.ssm_state = entry.ssm_state.to(precision.state_dtype)
+    return entry
+
+
+def _float_dtype(option: str, value: object) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in FLOAT_DTYPES.values():
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[value.removeprefix("torch.")]
+    allowed = KV_DTYPES if option == "kv_dtype" else tuple(FLOAT_DTYPES)
+    raise ValueError(f"{option}: unknown {value!r}; choose one of {', '.join(allowed)}")
+
 
 @dataclass
 class CacheCheckpoint:
@@ -33,6 +114,8 @@ class HybridCache:
         length: tokens consumed so far by every row (left padding included).
         real_lengths: (batch,) int64, real (non-padding) tokens consumed by each row.
         fingerprint: the model config's fingerprint; a cache only fits the model it came from.
+        precision: the dtypes it was allocated with (what :func:`~hybrid.inference.cache_io`
+            records, so a saved cache is read back into the same kinds of entries).
     """
 
     def __init__(
@@ -43,11 +126,13 @@ class HybridCache:
         max_seqlen: int,
         fingerprint: str,
         device: torch.device,
+        precision: CachePrecision | None = None,
     ) -> None:
         self.entries = entries
         self.batch_size = batch_size
         self.max_seqlen = max_seqlen
         self.fingerprint = fingerprint
+        self.precision = precision or CachePrecision()
         self.length = 0
         self.real_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
@@ -107,6 +192,7 @@ class HybridCache:
             max_seqlen=self.max_seqlen,
             fingerprint=self.fingerprint,
             device=self.real_lengths.device,
+            precision=self.precision,
         )
         clone.length = self.length
         clone.real_lengths = self.real_lengths.clone()

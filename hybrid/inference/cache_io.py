@@ -11,8 +11,10 @@ File layout:
 - tensor ``real_lengths`` — (batch,) int64;
 - metadata key ``hybrid_cache`` — a JSON header: format name and version, the model config's
   fingerprint, ``batch_size``, ``max_seqlen``, ``length``, the cache ``dtype`` (that of keys,
-  values and conv states) and, per sublayer, its entry type name and non-tensor fields
-  (e.g. ``KVCache.window``), or null for stateless sublayers.
+  values and conv states), ``kv_dtype`` (``"int8"`` or a float dtype when keys and values
+  differ from ``dtype``) and ``state_dtype`` (SSM states; both absent in older files) and,
+  per sublayer, its entry type name and non-tensor fields (e.g. ``KVCache.window``), or null
+  for stateless sublayers.
 
 The file is written to a temporary name in the same directory and renamed over ``path``,
 so a crash never leaves a partial file and an existing file is only replaced by a complete
@@ -33,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hybrid.atomic import atomic_write
-from hybrid.inference.cache import HybridCache
+from hybrid.inference.cache import CachePrecision, HybridCache
 from layers.base import CacheEntry
 
 if TYPE_CHECKING:
@@ -69,7 +71,9 @@ def save_cache(cache: HybridCache, path: str | Path) -> None:
         "batch_size": cache.batch_size,
         "max_seqlen": cache.max_seqlen,
         "length": cache.length,
-        "dtype": _cache_dtype(cache),
+        "dtype": cache.precision.names()["dtype"] or _cache_dtype(cache),
+        "kv_dtype": cache.precision.names()["kv_dtype"],
+        "state_dtype": cache.precision.names()["state_dtype"],
         "layers": layers,
     }
     tensors = _cpu_unshared(tensors)
@@ -113,7 +117,13 @@ def load_cache(
             names = set(file.keys())
             try:
                 cache = model.allocate_cache(
-                    header["batch_size"], header["max_seqlen"], header["dtype"]
+                    header["batch_size"],
+                    header["max_seqlen"],
+                    header["dtype"],
+                    # explicit, so the model's own cache_precision does not apply
+                    kv_dtype=header.get("kv_dtype") or header["dtype"],
+                    state_dtype=header.get("state_dtype")
+                    or torch.promote_types(header["dtype"] or torch.float32, torch.float32),
                 )
             except ValueError as error:
                 raise ValueError(f"{where}: cannot allocate the saved cache: {error}") from None
@@ -223,6 +233,13 @@ def _parse_header(metadata: dict[str, str], where: str) -> dict[str, Any]:
             f"{where}: corrupt cache header: length {header['length']} outside "
             f"[0, max_seqlen={header['max_seqlen']}]"
         )
+    for key in ("kv_dtype", "state_dtype"):  # absent from files of earlier versions
+        if not isinstance(header.get(key), (str, type(None))):
+            raise ValueError(f"{where}: corrupt cache header: bad {key!r}")
+        try:
+            CachePrecision.of(**{key: header.get(key)})
+        except ValueError as error:
+            raise ValueError(f"{where}: corrupt cache header: {error}") from None
     if header["dtype"] is not None:
         dtype = getattr(torch, header["dtype"], None)
         if not isinstance(dtype, torch.dtype):

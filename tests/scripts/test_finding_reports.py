@@ -81,3 +81,19 @@ def test_mqar_reports(tmp_path, capsys, script):
         assert all(len(row.split(" | ")) == 5 for row in rows)
     assert json.loads((out / f"{stem}.json").read_text())
     assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_positions_report(tmp_path, capsys):
+    encodings = ["sinusoidal", "rope", "alibi", "nope", "mamba2_nope"]
+    runs = evaluated_runs(tmp_path, "ppl", [f"positions_{n}" for n in encodings], 257,
+                          "--train-length", 128, "--multiples", 1, 2, 4, 8,
+                          "--samples", 1)  # fmt: skip
+    capsys.readouterr()
+    out = tmp_path / "out"
+    printed = report("finding_positions_report.py", runs, out)
+    table = (out / "positions.md").read_text()
+    assert printed.strip() == table.strip()
+    assert "| model | 128 (1x) | 256 (2x) | 512 (4x) | 1024 (8x) |" in table
+    assert "| model | 0-128 | 128-256 | 256-512 | 512-1024 |" in table
+    assert sorted(json.loads((out / "positions.json").read_text())) == sorted(encodings)
+    assert (out / "positions.png").read_bytes()[:4] == b"\x89PNG"
