@@ -9,12 +9,15 @@ MoE routers, embeddings and the output head stay in float unless ``embeddings=Tr
 
 Where the work is done:
 
-- int8 ``nn.Linear``: torchao's ``Int8WeightOnlyConfig`` (its ``Int8Tensor``, per-row scales;
-  CPU and CUDA).
-- int4 ``nn.Linear``, MoE experts (both schemes), embeddings and head:
-  :class:`~layers.quantized.QuantizedWeight` (torchao's affine quantization arithmetic, codes
-  packed two per byte), because torchao 0.18 keeps CPU int4 weights unpacked in int8 and its
-  packed int4 formats are CUDA-only, and its configs apply to ``nn.Linear`` only.
+- By default every quantized weight is a :class:`~layers.quantized.QuantizedWeight`
+  (torchao's affine quantization arithmetic; int4 codes packed two per byte, because
+  torchao 0.18 keeps CPU int4 weights unpacked in int8 and its packed int4 formats are
+  CUDA-only; MoE expert stacks, which torchao's configs do not handle). Int8 layers compute
+  ``(x @ q^T) * scale``: the per-row scale is applied to the outputs, not to the weight.
+- ``int8_backend="torchao"`` uses torchao's ``Int8WeightOnlyConfig`` (its ``Int8Tensor``)
+  for int8 ``nn.Linear`` layers instead: the format torchao's CUDA and inductor paths know.
+  On CPU its eager decode was measured many times slower than ours (docs/bench_quant.md),
+  hence the default.
 
 Quantize after any ``model.to(dtype)``: a later cast would also cast the scales.
 """
@@ -40,6 +43,7 @@ from layers.quantized import (
 
 KEEP_FLOAT = ("router", "x_proj", "dt_proj")  # routing and SSM time-step projections
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+INT8_BACKENDS = ("hybrid", "torchao")
 
 
 @dataclass(frozen=True)
@@ -66,18 +70,20 @@ def quantize(
     *,
     group_size: int | None = None,
     embeddings: bool = False,
+    int8_backend: str = "hybrid",
 ) -> Quantization:
     """Quantize ``model``'s projection weights in place to ``scheme`` ("int8" or "int4").
 
     ``group_size``: inputs per int4 scale (default 32); it must divide every quantized width.
     ``embeddings``: also the token embeddings and the output head (one quantized table
-    when they are tied). Every check runs before anything changes.
+    when they are tied). ``int8_backend``: "hybrid" (ours, the default) or "torchao" (its
+    ``Int8Tensor``) for int8 ``nn.Linear`` layers. Every check runs before anything changes.
 
     Returns what was done (also kept as ``model.quantization``).
 
     Raises:
-        ValueError: one line: unknown scheme, a group size for int8, a group size that does
-            not divide a width, or a model that is already quantized.
+        ValueError: one line: unknown scheme or int8 backend, a group size for int8, a group
+            size that does not divide a width, or a model that is already quantized.
         ImportError: torchao is not installed.
     """
     check_scheme(scheme)
@@ -85,6 +91,11 @@ def quantize(
         raise ValueError(f"quantize: the model is already quantized ({model.quantization.scheme})")
     if scheme == "int8" and group_size is not None:
         raise ValueError("group_size: int8 uses one scale per output row; group_size is for int4")
+    if int8_backend not in INT8_BACKENDS:
+        raise ValueError(
+            f"int8_backend: unknown backend {int8_backend!r}; choose one of "
+            f"{', '.join(INT8_BACKENDS)}"
+        )
     group = DEFAULT_GROUP_SIZE if group_size is None else group_size
     linears = [
         (name, module)
@@ -105,7 +116,7 @@ def quantize(
             check_group_size(group, model.embedding.embedding_dim, "embedding")
     torchao_primitives()  # the ImportError, if any, before anything changes
 
-    if scheme == "int8":
+    if scheme == "int8" and int8_backend == "torchao":
         _torchao_int8(model, {id(module) for _, module in linears})
     else:
         for name, module in linears:

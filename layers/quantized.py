@@ -3,8 +3,8 @@
 torchao does the arithmetic (``choose_qparams_affine``, ``quantize_affine``,
 ``dequantize_affine``); what it lacks on CPU in 0.18 is kept here: int4 codes packed two per
 byte (its CPU int4 weights are int8-sized) and stacked MoE expert weights (its configs handle
-``nn.Linear`` only). Int8 ``nn.Linear`` layers use torchao's own ``Int8WeightOnlyConfig``
-instead (see :mod:`hybrid.quantize`).
+``nn.Linear`` only). torchao's own ``Int8WeightOnlyConfig`` is an opt-in for int8
+``nn.Linear`` layers (see :mod:`hybrid.quantize`).
 
 Schemes, for a weight (..., out, in) quantized along its last dimension:
 
@@ -165,7 +165,11 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.dequantize().to(x.dtype), self.bias)
+        weight = self.weight
+        if weight.scheme == "int8":  # (x @ q^T) * scale: the row scale goes on the outputs
+            y = F.linear(x, weight.qdata.to(x.dtype)) * weight.scale.squeeze(-1).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, weight.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

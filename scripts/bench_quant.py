@@ -54,6 +54,7 @@ VARIANTS = {
     "float32": (torch.float32, None, None),
     "bfloat16": (torch.bfloat16, None, None),
     "int8 weights": (torch.float32, "int8", None),
+    "int8 weights (torchao Int8Tensor)": (torch.float32, "int8-torchao", None),
     "int4 weights": (torch.float32, "int4", None),
     "int8 KV": (torch.float32, None, "int8"),
     "bfloat16 + int8 KV": (torch.bfloat16, None, "int8"),
@@ -87,7 +88,8 @@ def documents(tokenizer, files: list[Path], length: int, count: int) -> torch.Te
 def build(base, dtype, scheme, kv_dtype):
     model = copy.deepcopy(base).to(dtype)
     if scheme is not None:
-        quantize(model, scheme)
+        name, _, backend = scheme.partition("-")
+        quantize(model, name, int8_backend=backend or "hybrid")
     model.cache_precision = CachePrecision.of(kv_dtype=kv_dtype)
     return model.eval()
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Finding 6 (Press et al. 2022): length extrapolation of positional encodings. Trains the five
+# Finding 5 (Press et al. 2022): length extrapolation of positional encodings. Trains the five
 # positions recipes (attention only with sinusoidal, RoPE, ALiBi and no encoding; Mamba-2 +
 # NoPE attention) on this Python's standard library at 128 bytes, evaluates each with
 # `hybrid eval ppl` at 1x-8x that length on 32 documents, and writes

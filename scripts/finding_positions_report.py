@@ -1,4 +1,4 @@
-"""Finding 6: length extrapolation of positional encodings (sinusoidal, RoPE, ALiBi, none, and
+"""Finding 5: length extrapolation of positional encodings (sinusoidal, RoPE, ALiBi, none, and
 a Mamba-2 hybrid with NoPE attention), trained at 128 tokens and evaluated at 1x-8x.
 
 Reads ``RUNS/positions_{encoding}/eval/ppl/results.json`` (written by ``hybrid eval ppl``) and

@@ -80,17 +80,21 @@ def test_quantized_weight_within_half_a_step(scheme, shape):
     assert torch.equal(quantized[1].double(), deq[1])  # one expert / row block
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_linear_is_dequantize_then_matmul(scheme):
+@pytest.mark.parametrize(
+    ("scheme", "backend"), [("int8", "hybrid"), ("int8", "torchao"), ("int4", "hybrid")]
+)
+def test_quantized_linear_is_dequantize_then_matmul(scheme, backend):
     """Each quantized layer of a model equals x @ W_deq.T + b with W_deq rebuilt from its own
-    codes and scales by the formulas above (float64)."""
+    codes and scales by the formulas above (float64), for our int8 layers and torchao's."""
     model = build()
-    quantize(model, scheme)
+    quantize(model, scheme, int8_backend=backend)
+    kinds = set()
     x = torch.randn(5, 64)
     checked = 0
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
             w = module.weight
+            kinds.add("hybrid")
             codes, scale = w.codes().double(), w.scale.double()
             if scheme == "int8":
                 deq = codes * scale
@@ -99,6 +103,7 @@ def test_quantized_linear_is_dequantize_then_matmul(scheme):
                        * scale[..., None]).flatten(-2)  # fmt: skip
         elif type(getattr(module, "weight", None)).__name__ == "Int8Tensor":
             w = module.weight  # torchao's int8 weight: qdata (out, in), scale (out, 1)
+            kinds.add("torchao")
             deq = w.qdata.double() * w.scale.double()
         else:
             continue
@@ -111,6 +116,7 @@ def test_quantized_linear_is_dequantize_then_matmul(scheme):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
         checked += 1
     assert checked == 14  # q, k, v, o; 2 gated MLPs x 3; Mamba-2 and Mamba-1 in / out
+    assert kinds == {backend}
 
 
 def test_which_weights_are_quantized():
@@ -193,13 +199,15 @@ def test_bad_quantize_arguments():
         quantize(model, "int8", group_size=32)
     assert getattr(model, "quantization", None) is None  # nothing changed by a refusal
     assert all(not isinstance(m, QuantizedLinear) for m in model.modules())
+    with pytest.raises(ValueError, match=r"^int8_backend: unknown backend 'fbgemm'; choose one"):
+        quantize(model, "int8", int8_backend="fbgemm")
     quantize(model, "int8")
     with pytest.raises(ValueError, match=r"^quantize: the model is already quantized \(int8\)"):
         quantize(model, "int4")
 
 
 def test_compiled_decode_of_a_quantized_model_with_an_int8_cache():
-    """torch.compile of the static decode step through torchao's int8 weights, the packed
+    """torch.compile of the static decode step through our int8 weights, the packed
     int4 experts and the int8 KV cache gives the eager tokens (about 25 s on 2 CPU cores)."""
     model = build("M*E")
     quantize(model, "int8")

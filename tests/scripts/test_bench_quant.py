@@ -36,7 +36,8 @@ def test_bench_quant_writes_every_variant(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.with_suffix(".json").read_text())
     rows = result["rows"]
-    assert list(rows) == ["float32", "bfloat16", "int8 weights", "int4 weights", "int8 KV",
+    assert list(rows) == ["float32", "bfloat16", "int8 weights",
+                          "int8 weights (torchao Int8Tensor)", "int4 weights", "int8 KV",
                           "bfloat16 + int8 KV"]  # fmt: skip
     assert rows["int8 weights"]["weight_bytes"] < 0.5 * rows["float32"]["weight_bytes"]
     assert rows["int4 weights"]["weight_bytes"] < rows["int8 weights"]["weight_bytes"]
