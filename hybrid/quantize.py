@@ -16,8 +16,8 @@ Where the work is done:
   ``(x @ q^T) * scale``: the per-row scale is applied to the outputs, not to the weight.
 - ``int8_backend="torchao"`` uses torchao's ``Int8WeightOnlyConfig`` (its ``Int8Tensor``)
   for int8 ``nn.Linear`` layers instead: the format torchao's CUDA and inductor paths know.
-  On CPU its eager decode was measured many times slower than ours (docs/bench_quant.md),
-  hence the default.
+  On CPU the two decode at the same speed (docs/bench_quant.md); ours is the default so that
+  every quantized weight is one kind of plain buffers (layers, experts and embeddings alike).
 
 Quantize after any ``model.to(dtype)``: a later cast would also cast the scales.
 """
