@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hybrid.config import HybridConfig
 from hybrid.inference.cache import CachePrecision, HybridCache, token_context, with_precision
@@ -96,6 +97,7 @@ class HybridLM(GenerationMixin, nn.Module):
         super().__init__()
         self.config = config
         self.cache_precision = CachePrecision()  # kv / state dtypes of caches by default
+        self.checkpoint_every = 0  # activation checkpointing: every n-th sublayer (0: off)
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.sinusoidal = config.absolute_position == "sinusoidal"
         self.sublayers = nn.ModuleList(
@@ -209,12 +211,50 @@ class HybridLM(GenerationMixin, nn.Module):
             precision=precision,
         )
 
+    def enable_activation_checkpointing(self, every: int = 1) -> None:
+        """Recompute every ``every``-th sublayer's activations in the backward (torch's
+        non-reentrant ``checkpoint``; RNG state preserved, so results are unchanged) instead
+        of keeping them; 0 turns it off. Applies in training mode with gradients on.
+
+        Raises:
+            ValueError: one line: a negative ``every``, or a block that sets
+                ``recomputable = False`` among the sublayers it would recompute.
+        """
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(
+                f"activation_checkpointing: must be a number of sublayers >= 0; got {every!r}"
+            )
+        for index in range(0, len(self.sublayers), every or len(self.sublayers) + 1):
+            block = self.sublayers[index].block
+            if not type(block).recomputable:
+                raise ValueError(
+                    f"activation_checkpointing: layers[{index}] (block "
+                    f"{self.config.layers[index]!r}) sets recomputable = False: its forward "
+                    "cannot be re-run in the backward; checkpoint every n-th sublayer around "
+                    "it or turn checkpointing off"
+                )
+        self.checkpoint_every = every
+
+    def check_separates_documents(self) -> None:
+        """One-line ``ValueError`` unless every token-mixing sublayer honours ``seq_idx``."""
+        for index, sublayer in enumerate(self.sublayers):
+            name = self.config.layers[index]
+            if get_block(name).role != "mixer":
+                continue
+            if not (sublayer.takes_context and type(sublayer.block).separates_documents):
+                raise ValueError(
+                    f"layers[{index}]: block {name!r} mixes tokens but does not keep packed "
+                    "documents apart (it needs separates_documents = True and to honour "
+                    "context.seq_idx); set data.document_boundaries: none to train without"
+                )
+
     def forward(
         self,
         input_ids: torch.Tensor,
         *,
         cache: HybridCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> HybridOutput:
         """Logits for ``input_ids`` (batch, n) -> (batch, n, vocab_size).
 
@@ -222,14 +262,24 @@ class HybridLM(GenerationMixin, nn.Module):
         step, more are a prefill chunk) and the cache is updated. ``attention_mask``
         (batch, n) — or (batch, cached + n) — is 0 at left-padding positions: padding never
         enters conv or SSM state, is never attended to, and does not advance positions.
+        ``seq_idx`` (batch, n) integer: the document of each token of packed rows (a change of
+        value starts one; no cache, no mask): every sublayer then treats each document as if
+        it ran alone — scans and convs restart, attention is block-diagonal, positions
+        restart at 0.
         """
         self.check_token_ids(input_ids)
-        context = token_context(input_ids, cache, attention_mask)
+        if seq_idx is not None:
+            self.check_separates_documents()
+        context = token_context(input_ids, cache, attention_mask, seq_idx)
         hidden = self.embed(input_ids, None if context is None else context.positions)
         aux_loss, router_stats = None, {}
+        every = self.checkpoint_every if self.training and torch.is_grad_enabled() else 0
         for index, sublayer in enumerate(self.sublayers):
             entry = None if cache is None else cache.entries[index]
-            hidden, extra = sublayer(hidden, entry, context)
+            if every and cache is None and index % every == 0:
+                hidden, extra = checkpoint(sublayer, hidden, None, context, use_reentrant=False)
+            else:
+                hidden, extra = sublayer(hidden, entry, context)
             if extra is not None:
                 if extra.aux_loss is not None:
                     aux_loss = extra.aux_loss if aux_loss is None else aux_loss + extra.aux_loss

@@ -85,6 +85,11 @@ class DataConfig(Section):
     validation: SourceConfig | None = None  # a separate validation source; else a split
     val_fraction: float = Field(0.01, gt=0, lt=1)
     seq_len: int = Field(256, ge=8)
+    # Packed rows hold several documents, each opened by the tokenizer's end-of-document id.
+    # "reset": no token sees an earlier document of its row (scans and convs restart,
+    # attention is block-diagonal, positions restart), as each document trained alone.
+    # "none": the row is one sequence (the state flows across documents).
+    document_boundaries: Literal["reset", "none"] = "reset"
     streaming: bool = False
     shuffle_buffer: int = Field(10_000, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -151,6 +156,22 @@ class TrainerConfig(Section):
     # answer, an SFT response) makes the SSM backward decay gradients into subnormals, ~1.4x
     # slower per step (scripts/bench_sparse_loss.py); no effect on CUDA kernels.
     flush_denormal: bool = True
+    # Recompute activations in the backward instead of keeping them: true = every sublayer,
+    # n = every n-th sublayer (0 / false = off). Same results, less memory, ~1/3 more compute.
+    activation_checkpointing: bool | int = False
+    # torch.compile the model for the training step (compiled on the first step).
+    compile: bool = False
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _checkpointing_every(cls, value: bool | int) -> bool | int:
+        if not isinstance(value, bool) and value < 0:
+            raise ValueError("must be true, false or a number of sublayers >= 0")
+        return value
+
+    def checkpoint_every(self) -> int:
+        """Sublayers per recomputed one: 1 for ``true``, 0 for off (``int(True) == 1``)."""
+        return int(self.activation_checkpointing)
 
 
 class LoggingConfig(Section):

@@ -192,6 +192,7 @@ def masked_attention(
     scale: float | None = None,
     block_size: int = 1024,
     slopes: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention over keys identified by absolute index, with padding, window and
     ALiBi ``slopes`` (n_heads,) as in :func:`causal_attention`.
@@ -203,8 +204,10 @@ def masked_attention(
 
     Shapes: q (batch, n_heads, n, head_dim); k, v (batch, n_kv_heads, K, head_dim);
     query_index (n,); key_index, key_valid (batch, K) -> (batch, n_heads, n, head_dim).
-    Runs over query blocks of ``block_size``, so the mask is never larger than
-    (batch, block_size, K).
+    ``documents`` (batch, n), only when the keys are the queries' own sequence (n == K): the
+    document of each token; a query then sees only keys of its document (block-diagonal
+    causal attention for packed rows). Runs over query blocks of ``block_size``, so the mask
+    is never larger than (batch, block_size, K).
     """
     gqa = k.shape[1] != q.shape[1]
     keys = key_index[:, None, :]  # (b, 1, K)
@@ -215,6 +218,8 @@ def masked_attention(
         if window is not None:
             visible &= keys > queries - window
         visible &= key_valid[:, None, :] | (keys == queries)
+        if documents is not None:
+            visible &= documents[:, None, :] == documents[:, start : start + block_size, None]
         mask = visible[:, None]
         if slopes is not None:
             mask = alibi_mask(visible, queries[None], keys, slopes, q.dtype)
@@ -402,6 +407,8 @@ class Attention(Block):
     fused CPU kernel for plain causal attention.
     """
 
+    separates_documents = True
+
     def __init__(self, d_model: int, options: AttentionOptions, layer_idx: int) -> None:
         super().__init__(d_model, options, layer_idx)
         heads, kv_heads, head_dim = options.n_heads, options.n_kv_heads, options.head_dim
@@ -460,17 +467,19 @@ class Attention(Block):
             out = cache.attend_static(q, k, v, context.static_start, slopes)
         elif cache is not None:
             out = cache.attend(q, k, v, context, slopes)
-        elif context is not None and context.valid is not None:
+        elif context is not None and (context.valid is not None or context.seq_idx is not None):
             index = torch.arange(hidden.shape[1], device=hidden.device)
+            keys = index.expand(hidden.shape[0], -1)
             out = masked_attention(
                 q,
                 k,
                 v,
                 query_index=index,
-                key_index=index.expand(hidden.shape[0], -1),
-                key_valid=context.valid,
+                key_index=keys,
+                key_valid=keys >= 0 if context.valid is None else context.valid,
                 window=opts.window,
                 slopes=slopes,
+                documents=context.seq_idx,
             )
         else:
             out = causal_attention(q, k, v, window=opts.window, slopes=slopes)

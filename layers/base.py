@@ -32,6 +32,11 @@ class TokenContext:
         decoding: a decode step at inference (one token per row, no padding; set with
             ``static_start`` too): blocks may leave out what only training reads (MoE
             auxiliary losses and router statistics) and read only the filled part of a cache.
+        seq_idx: (batch, n) int64 document of each token of a packed row, canonical (0, 0, 1,
+            1, 2, ...: see :func:`layers.ops._common.document_index`), or None (one document
+            per row). Token-mixing blocks must not mix across documents: scans restart,
+            convolutions and attention stay inside the document. ``positions`` then restart
+            at 0 at every document start. Only without a cache.
     """
 
     start: int
@@ -39,6 +44,7 @@ class TokenContext:
     valid: torch.Tensor | None = None
     static_start: torch.Tensor | None = None
     decoding: bool = False
+    seq_idx: torch.Tensor | None = None
 
 
 class CacheEntry:
@@ -141,6 +147,11 @@ class Block(nn.Module):
     - :meth:`active_parameters` — parameters used per token (MoE: only top-k experts);
     - :meth:`residual_weights` — the weights that write into the residual stream.
 
+    Class attributes a token-mixing block sets: ``separates_documents = True`` when it honours
+    ``context.seq_idx`` (packed training rows with ``data.document_boundaries: reset`` are
+    refused otherwise); ``recomputable = False`` when running its forward twice would not
+    give the same result (activation checkpointing is then refused).
+
     At model init every ``nn.Linear`` and ``nn.Embedding`` weight is drawn from Normal(0, std)
     unless it is flagged ``_no_reinit``; a submodule that holds projection weights as plain
     parameters (MoE experts) draws them itself in a ``reset_projections(std)`` method, which
@@ -148,6 +159,8 @@ class Block(nn.Module):
     """
 
     block_name: ClassVar[str] = ""
+    separates_documents: ClassVar[bool] = False
+    recomputable: ClassVar[bool] = True
 
     def __init__(self, d_model: int, options: Any, layer_idx: int) -> None:
         super().__init__()

@@ -68,6 +68,8 @@ class Mamba1(Block):
     plain-PyTorch scan otherwise.
     """
 
+    separates_documents = True
+
     def __init__(self, d_model: int, options: Mamba1Options, layer_idx: int) -> None:
         super().__init__(d_model, options, layer_idx)
         self.d_inner = options.expand * d_model
@@ -100,9 +102,10 @@ class Mamba1(Block):
         context: TokenContext | None = None,
     ) -> torch.Tensor:
         valid = None if context is None or context.valid is None else context.valid[..., None]
+        seq_idx = None if context is None else context.seq_idx
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         step = cache is not None and hidden.shape[1] == 1 and valid is None
-        x = causal_conv_silu(x, self.conv1d, cache, valid, step)  # (b, l, d_inner)
+        x = causal_conv_silu(x, self.conv1d, cache, valid, step, seq_idx)  # (b, l, d_inner)
         dt, B, C = self.inner_norms(self.x_proj(x))
         dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); bias goes in the scan
         dt_args = {"delta_bias": self.dt_proj.bias, "delta_softplus": True}
@@ -127,6 +130,7 @@ class Mamba1(Block):
             z=z.transpose(1, 2),
             initial_state=None if cache is None else cache.ssm_state,
             return_final_state=cache is not None,
+            seq_idx=seq_idx,
             **dt_args,
         )
         if cache is not None:

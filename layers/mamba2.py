@@ -90,6 +90,8 @@ class Mamba2(Block):
     on CUDA when they import, and our chunked SSD in plain PyTorch otherwise.
     """
 
+    separates_documents = True
+
     def __init__(self, d_model: int, options: Mamba2Options, layer_idx: int) -> None:
         super().__init__(d_model, options, layer_idx)
         self.d_inner = options.d_inner(d_model)
@@ -117,11 +119,12 @@ class Mamba2(Block):
         opts = self.options
         length = hidden.shape[1]
         valid = None if context is None or context.valid is None else context.valid[..., None]
+        seq_idx = None if context is None else context.seq_idx
         z, xbc, dt = self.in_proj(hidden).split_with_sizes(
             [self.d_inner, self.conv_dim, self.nheads], -1
         )
         step = cache is not None and length == 1 and valid is None
-        xbc = causal_conv_silu(xbc, self.conv1d, cache, valid, step)  # (b, l, conv_dim)
+        xbc = causal_conv_silu(xbc, self.conv1d, cache, valid, step, seq_idx)  # (b, l, conv)
         A = state_matrix(self)
         group_width = opts.ngroups * opts.d_state
         if step:
@@ -158,6 +161,7 @@ class Mamba2(Block):
                 D=self.D,
                 initial_state=None if cache is None else cache.ssm_state,
                 return_final_state=cache is not None,
+                seq_idx=seq_idx,
                 **dt_args,
             )
             if cache is not None:

@@ -90,6 +90,7 @@ def causal_conv_silu(
     cache: SSMCache | None,
     valid: torch.Tensor | None,
     step: bool,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``silu(causal depthwise conv(x))``, continuing ``cache``'s conv window and updating it.
 
@@ -100,6 +101,7 @@ def causal_conv_silu(
         valid: (batch, seqlen, 1) bool, False at left padding, or None (all real).
         step: one token per row, with a cache and no padding: the window is updated in place
             (fixed addresses, as CUDA graphs need); otherwise it is replaced.
+        seq_idx: (batch, seqlen) document of each token (packed rows, no cache), or None.
 
     Returns:
         (batch, seqlen, channels), zero at padding positions.
@@ -117,6 +119,7 @@ def causal_conv_silu(
         activation="silu",
         initial_state=None if cache is None else cache.conv_state,
         return_final_state=cache is not None,
+        seq_idx=seq_idx,
     )
     if cache is not None:
         out, conv_state = out

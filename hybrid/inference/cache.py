@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from layers.base import CacheEntry, TokenContext
+from layers.ops import document_index, document_starts
 
 FLOAT_DTYPES = {
     "float32": torch.float32,
@@ -203,13 +204,19 @@ def token_context(
     input_ids: torch.Tensor,
     cache: HybridCache | None,
     attention_mask: torch.Tensor | None,
+    seq_idx: torch.Tensor | None = None,
 ) -> TokenContext | None:
     """Positions and padding of the new tokens; None when they are plain 0..n-1, no pads.
 
+    ``seq_idx`` (batch, n): the document of each token of packed rows (see
+    :func:`document_context`).
+
     Raises:
-        ValueError: a cache of another batch size or too short for the new tokens, or an
-            attention mask that is not left padding.
+        ValueError: a cache of another batch size or too short for the new tokens, an
+            attention mask that is not left padding, or a bad ``seq_idx``.
     """
+    if seq_idx is not None:
+        return document_context(input_ids, cache, attention_mask, seq_idx)
     if cache is None and attention_mask is None:
         return None
     batch, n = input_ids.shape
@@ -253,3 +260,34 @@ def token_context(
     else:
         positions = (prior[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
     return TokenContext(start=start, positions=positions, valid=valid)
+
+
+def document_context(
+    input_ids: torch.Tensor,
+    cache: HybridCache | None,
+    attention_mask: torch.Tensor | None,
+    seq_idx: torch.Tensor,
+) -> TokenContext:
+    """The context of packed rows: canonical document indices, positions restarting at 0 at
+    every document start (what RoPE and sinusoidal encodings then see).
+
+    ``seq_idx`` (batch, n) integer, as mamba_ssm's: a change of value starts a document.
+
+    Raises:
+        ValueError: one line: a cache or attention mask given with it (packed documents are
+            for training and scoring whole rows), or a shape or dtype that does not fit.
+    """
+    if cache is not None or attention_mask is not None:
+        what = "a cache" if cache is not None else "an attention_mask"
+        raise ValueError(f"seq_idx: packed documents cannot be combined with {what}")
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.shape != input_ids.shape:
+        shape = tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx)
+        raise ValueError(
+            f"seq_idx: expected shape {tuple(input_ids.shape)} like input_ids; got {shape}"
+        )
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+        raise ValueError(f"seq_idx: must hold integers; got {seq_idx.dtype}")
+    docs = document_index(seq_idx.to(input_ids.device))
+    index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(docs)
+    starts = torch.where(document_starts(docs), index, 0).cummax(1).values
+    return TokenContext(start=0, positions=index - starts, seq_idx=docs)

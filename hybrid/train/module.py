@@ -32,22 +32,58 @@ class HybridLightningModule(pl.LightningModule):
     the targets. The loss is the mean cross-entropy over all tokens plus the weighted MoE
     auxiliary losses the model returns (``out.aux_loss``).
 
+    With ``data.document_boundaries: reset`` and an ``eos_id``, every end-of-document id in
+    the inputs opens a new document (it ends one document and, like GPT-2's
+    ``<|endoftext|>``, is the first token the next one is predicted from): the model gets the
+    rows' ``seq_idx``, so each document is trained as if alone and every target is kept.
+
     Args:
         config: the model.
-        recipe: the run's recipe (optimizer, schedule, logging cadence).
+        recipe: the run's recipe (optimizer, schedule, logging cadence, data.document_boundaries,
+            trainer.activation_checkpointing and trainer.compile).
         tokenizer_json: the run's ``tokenizer.json`` text (None for byte-level); stored in every
             checkpoint so it generates without the run directory.
+        eos_id: the tokenizer's end-of-document id (None: rows are not split into documents).
+
+    Raises:
+        ValueError: one line: packed documents with a mixer that cannot keep them apart, or
+            activation checkpointing of a block that cannot be re-run.
     """
 
-    def __init__(self, config: HybridConfig, recipe: Recipe, tokenizer_json: str | None) -> None:
+    def __init__(
+        self,
+        config: HybridConfig,
+        recipe: Recipe,
+        tokenizer_json: str | None,
+        eos_id: int | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.recipe = recipe
         self.tokenizer_json = tokenizer_json
         self.model = HybridLM(config)
+        reset = recipe.data.document_boundaries == "reset"
+        self.eos_id = eos_id if reset else None
+        if self.eos_id is not None:
+            self.model.check_separates_documents()
+        every = recipe.trainer.checkpoint_every()
+        if every:
+            self.model.enable_activation_checkpointing(every)
+        if recipe.trainer.compile:
+            self.model.compile()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
+
+    def document_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """``seq_idx`` (batch, n) of packed input rows: each end-of-document id starts a new
+        document; None when documents are not separated or the rows hold none."""
+        if self.eos_id is None:
+            return None
+        opens = inputs == self.eos_id
+        if not bool(opens[:, 1:].any()):
+            return None
+        return opens.cumsum(1)
 
     @staticmethod
     def _inputs_and_targets(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +96,8 @@ class HybridLightningModule(pl.LightningModule):
     def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(lm loss, total loss, model output) for one micro-batch."""
         inputs, targets = self._inputs_and_targets(batch)
-        out = self.model(inputs)
+        seq_idx = None if isinstance(batch, (list, tuple)) else self.document_ids(inputs)
+        out = self.model(inputs, seq_idx=seq_idx)
         lm_loss = F.cross_entropy(
             out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
         )

@@ -119,7 +119,7 @@ def _train(
     start_weights = None if resume else initial_weights_of(recipe, config)
 
     write_run_dir(recipe, data.tokenizer)
-    module = build_module(recipe, config, start_weights)
+    module = build_module(recipe, config, start_weights, data.tokenizer)
     loggers, wandb_mode = start_tracking(recipe, module, data.stats, resume=resume)
     announce_run(recipe, module, data.stats, wandb_mode, resume=resume)
 
@@ -272,13 +272,19 @@ def write_run_dir(recipe: Recipe, tokenizer: Tokenizer) -> None:
 
 
 def build_module(
-    recipe: Recipe, config: HybridConfig, start_weights: dict[str, torch.Tensor] | None
+    recipe: Recipe,
+    config: HybridConfig,
+    start_weights: dict[str, torch.Tensor] | None,
+    tokenizer: Tokenizer | None = None,
 ) -> HybridLightningModule:
     """The LightningModule (its model initialised, or loaded with ``start_weights``), carrying
-    the run's ``tokenizer.json`` for its checkpoints."""
+    the run's ``tokenizer.json`` for its checkpoints and its end-of-document id (packed
+    documents are kept apart with ``data.document_boundaries: reset``)."""
     from hybrid.train.module import HybridLightningModule
 
-    module = HybridLightningModule(config, recipe, _tokenizer_json(recipe.run_dir))
+    module = HybridLightningModule(
+        config, recipe, _tokenizer_json(recipe.run_dir), eos_id=getattr(tokenizer, "eos_id", None)
+    )
     if start_weights is not None:
         module.model.load_state_dict(start_weights)
     return module

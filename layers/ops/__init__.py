@@ -7,7 +7,7 @@ kernels import, else PyTorch), the PyTorch paths over a sequence and for one tok
 reference the other paths are tested against.
 """
 
-from ._common import NO_LIMIT, effective_dt
+from ._common import NO_LIMIT, document_index, document_starts, effective_dt
 from .conv import causal_conv1d, causal_conv1d_naive, causal_conv1d_step, causal_conv1d_update
 from .kernels import causal_conv1d_ops, mamba_ssm_ops, use_kernels
 from .selective_scan import (
@@ -26,6 +26,8 @@ __all__ = [
     "causal_conv1d_ops",
     "causal_conv1d_step",
     "causal_conv1d_update",
+    "document_index",
+    "document_starts",
     "effective_dt",
     "mamba_ssm_ops",
     "selective_scan",

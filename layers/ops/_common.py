@@ -14,6 +14,8 @@ __all__ = [
     "as_dtype",
     "clamped_exp",
     "compute_dtype",
+    "document_index",
+    "document_starts",
     "effective_dt",
     "exp_floor",
     "skip_and_gate",
@@ -121,3 +123,21 @@ def skip_and_gate(
         gate = F.silu(z.to(y.dtype))
         y = y.mul_(gate) if inplace else y * gate
     return y
+
+
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(batch, seqlen) bool: True where a token begins a new document of its row.
+
+    ``seq_idx`` (batch, seqlen) integer: the document of each token, as mamba_ssm's and
+    causal-conv1d's ``seq_idx``. A change of value between neighbours starts a document; the
+    first token never does (it continues whatever state the scan starts from).
+    """
+    starts = torch.zeros_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
+def document_index(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(batch, seqlen) int64 0, 0, 1, 1, 1, 2, ...: the canonical form of ``seq_idx``, counting
+    document starts (so labels that come back later, e.g. 0 1 0, are distinct documents)."""
+    return document_starts(seq_idx).cumsum(1)

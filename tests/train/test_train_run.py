@@ -182,6 +182,8 @@ def test_resume_refuses_a_changed_model(tiny_recipe, capsys):
         ({"model": {"pattern": "MQ"}}, "model."),
         ({"empty": True}, "empty"),
         ({"trainer": {"strategy": "fsdp", "accelerator": "cpu"}}, "trainer.strategy: fsdp"),
+        ({"data": {"document_boundaries": "split"}}, "data.document_boundaries:"),
+        ({"trainer": {"activation_checkpointing": -1}}, "trainer.activation_checkpointing:"),
         ({"init_from": "/nonexistent/run"}, "init_from: /nonexistent/run: no such checkpoint"),
     ],
 )

@@ -24,6 +24,7 @@ def causal_conv1d(
     activation: str | None = None,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv: ``y[:, d, t] = bias[d] + sum_k weight[d, k] * xx[:, d, t + k]``.
 
@@ -36,6 +37,10 @@ def causal_conv1d(
         activation: None or "silu".
         initial_state: (batch, dim, width - 1), the inputs preceding ``x``; zeros if None.
         return_final_state: also return the last ``width - 1`` inputs of ``initial_state | x``.
+        seq_idx: (batch, seqlen) integer document of each token (packed rows), or None: a tap
+            that would read an earlier document reads zero instead (the initial state belongs
+            to the first document). The final state is still the raw last inputs. The kernel
+            takes it as int32 and needs channel-last x (the Mamba blocks' layout).
 
     Returns:
         y: (batch, dim, seqlen) in x's dtype, and if requested final_state:
@@ -48,10 +53,13 @@ def causal_conv1d(
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim}")
 
     ops = causal_conv1d_ops() if initial_state is None and width in _KERNEL_WIDTHS else None
+    if seq_idx is not None and x.stride(1) != 1:
+        ops = None  # causal-conv1d takes seq_idx only for channel-last x
     if ops is not None and use_kernels(x, weight):
         # The kernel needs channel-last strides for initial/final states; we only call it
         # without states and slice the final state ourselves, which is exact and cheap.
-        y = ops.causal_conv1d_fn(x, weight, bias, activation="silu" if silu else None)
+        extra = {} if seq_idx is None else {"seq_idx": seq_idx.to(torch.int32).contiguous()}
+        y = ops.causal_conv1d_fn(x, weight, bias, activation="silu" if silu else None, **extra)
         if return_final_state:
             return y, _tail(x, width - 1)
         return y
@@ -63,6 +71,7 @@ def causal_conv1d(
         activation=activation,
         initial_state=initial_state,
         return_final_state=return_final_state,
+        seq_idx=seq_idx,
     )
 
 

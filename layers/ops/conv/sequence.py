@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._common import document_index
+
 __all__ = ["causal_conv1d_torch"]
 
 
@@ -30,6 +32,7 @@ def _conv_taps(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    docs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal conv as ``width`` shifted multiply-adds, keeping x's memory layout.
 
@@ -37,7 +40,9 @@ def _conv_taps(
     None (zeros). For channel-last memory (the transposed (batch, seqlen, dim) activations of
     the Mamba blocks) this is ~4x faster than F.conv1d, which first copies to channel-first.
     Each tap adds into a shifted slice of the output, so the input is never padded or copied;
-    the initial state only reaches the first ``width - 1`` outputs.
+    the initial state only reaches the first ``width - 1`` outputs. ``docs`` (batch, seqlen),
+    canonical document indices (:func:`~layers.ops._common.document_index`): a tap adds only
+    where it reads the output's own document (the initial state belongs to document 0).
     """
     width = weight.shape[1]
     seqlen = x.shape[-1]
@@ -47,10 +52,17 @@ def _conv_taps(
     for k in range(width - 1):
         shift = width - 1 - k  # tap k reads the input ``shift`` steps back
         if shift < seqlen:
-            y[..., shift:].addcmul_(x[..., : seqlen - shift], taps[k])
+            earlier = x[..., : seqlen - shift]
+            if docs is not None:
+                same = docs[:, None, shift:] == docs[:, None, : seqlen - shift]
+                earlier = earlier * same
+            y[..., shift:].addcmul_(earlier, taps[k])
         if initial_state is not None:
             head = min(shift, seqlen)
-            y[..., :head].addcmul_(initial_state[..., k : k + head], taps[k])
+            state = initial_state[..., k : k + head]
+            if docs is not None:
+                state = state * (docs[:, None, :head] == 0)
+            y[..., :head].addcmul_(state, taps[k])
     return y
 
 
@@ -62,12 +74,13 @@ def causal_conv1d_torch(
     activation: str | None = None,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`causal_conv1d` in plain PyTorch (CPU, any width, initial states, autograd).
 
     Same arguments and results. Computes in the weight's dtype, as causal-conv1d's reference
     does, and keeps x's memory layout: channel-last x (a transposed (batch, seqlen, dim)
-    tensor) gives channel-last y.
+    tensor) gives channel-last y. With ``seq_idx`` it always runs the per-tap path.
     """
     silu = _check_activation(activation)
     dim, width = weight.shape
@@ -77,7 +90,10 @@ def causal_conv1d_torch(
     dtype_in = x.dtype
     # Match causal-conv1d's reference: compute in the weight's dtype, return x's dtype.
     xw = x.to(weight.dtype)
-    if xw.stride(1) == 1 and xw.shape[-1] > 1:
+    if seq_idx is not None:
+        init = None if initial_state is None else initial_state.to(xw.dtype)
+        y = _conv_taps(xw, weight, bias, init, document_index(seq_idx))
+    elif xw.stride(1) == 1 and xw.shape[-1] > 1:
         # Channel-last memory: the output stays in it.
         init = None if initial_state is None else initial_state.to(xw.dtype)
         y = _conv_taps(xw, weight, bias, init)

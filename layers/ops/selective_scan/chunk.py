@@ -19,6 +19,11 @@ checkpoint, stepping the reverse-time scan ``g_t = C_t dy_t + exp(delta_{t+1} A)
 through it, and reading all the input gradients off ``g_t`` and ``h_t`` in batched ops.
 Autograd through the unrolled loop would record ~10 ops per step and keep every intermediate
 (several (batch, seqlen, dim, d_state) tensors) alive.
+
+Document boundaries (``seq_idx``) enter as ``reset``: a constant added to the decay exponent
+``delta_t A`` at each document's first token, twice the exponent floor, so that the clamp
+turns every decay across a boundary into exp(floor) (~4e-18 in float32): the state restarts.
+Being constant, it changes no gradient formula.
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .._common import clamped_exp, compute_dtype, effective_dt, exp_floor, skip_and_gate
+from .._common import (
+    clamped_exp,
+    compute_dtype,
+    document_starts,
+    effective_dt,
+    exp_floor,
+    skip_and_gate,
+)
 
 __all__ = ["selective_scan_torch"]
 
@@ -72,12 +84,22 @@ def _segment_steps(step_elems: int, steps: int) -> int:
     return max(1, min(steps, _SEGMENT_ELEMS // step_elems))
 
 
-def _decays(dl: torch.Tensor, A: torch.Tensor, clamp: bool, out: torch.Tensor) -> torch.Tensor:
-    """exp(delta_t * A) for a segment: dl (S, b, c, g, 1, r), A (g, n, r) -> out (S, b, c, g, n, r).
+def _decays(
+    dl: torch.Tensor,
+    A: torch.Tensor,
+    clamp: bool,
+    out: torch.Tensor,
+    reset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """exp(delta_t * A + reset_t) for a segment: dl (S, b, c, g, 1, r), A (g, n, r), reset
+    (S, b, c, 1, 1, 1) or None -> out (S, b, c, g, n, r).
 
-    ``clamp``: clamp the exponents to exp_floor (False when they cannot reach it).
+    ``clamp``: clamp the exponents to exp_floor (False when they cannot reach it; always True
+    with a reset).
     """
     torch.mul(dl, A, out=out)
+    if reset is not None:
+        out.add_(reset)
     if clamp:
         out.clamp_(min=exp_floor(out.dtype))
     return out.exp_()
@@ -91,6 +113,7 @@ def _segment_states(
     clamp: bool,
     states: torch.Tensor,
     decays: torch.Tensor,
+    reset: torch.Tensor | None = None,
 ) -> None:
     """Step one segment of S steps of the recurrence h_t = a_t h_{t-1} + du_t B_t.
 
@@ -100,7 +123,7 @@ def _segment_states(
     are computed for the whole segment at once, so that each step is one in-place op.
     """
     S = dl.shape[0]
-    _decays(dl, A, clamp, decays[:S])
+    _decays(dl, A, clamp, decays[:S], reset)
     torch.mul(du, B, out=states[1 : S + 1])
     for s in range(S):
         states[s + 1].addcmul_(decays[s], states[s])
@@ -116,6 +139,7 @@ def _local_scans(
     clamp: bool,
     segment: int,
     checkpoints: torch.Tensor | None,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: scan every chunk, the first from ``init`` and the others from zero.
 
@@ -127,6 +151,7 @@ def _local_scans(
         segment: steps per segment (see :func:`_segment_states`).
         checkpoints: (K, b, c, g, n, r) or None; if given, receives the local state entering
             each of the K segments.
+        reset: (T, b, c, 1, 1, 1) added exponents at document starts, or None.
 
     Returns:
         y: (T, b, c, g, 1, r) local outputs C_t . h_t; h: (b, c, g, n, r) local end states.
@@ -143,9 +168,15 @@ def _local_scans(
             states[0] = states[segment]
         if checkpoints is not None:
             checkpoints[k] = states[0]
-        _segment_states(dl[t0:t1], du[t0:t1], B[t0:t1], A, clamp, states, decays)
+        _segment_states(
+            dl[t0:t1], du[t0:t1], B[t0:t1], A, clamp, states, decays, _part(reset, t0, t1)
+        )
         torch.matmul(C[t0:t1], states[1 : t1 - t0 + 1], out=y[t0:t1])
     return y, states[t1 - t0].clone()
+
+
+def _part(reset: torch.Tensor | None, t0: int, t1: int) -> torch.Tensor | None:
+    return None if reset is None else reset[t0:t1]
 
 
 def _carried_in(
@@ -155,11 +186,13 @@ def _carried_in(
     H: torch.Tensor,
     y: torch.Tensor,
     segment: int,
+    reset_sum: torch.Tensor | None = None,
 ) -> None:
     """Pass 3: add C_t . (exp(A * cumsum(delta)_t) * H) to ``y`` in place, segment by segment.
 
     dl: (T, b, c, g, 1, r); C: (T, b, c, g, 1, n); A: (g, n, r); H: (b, c, g, n, r), the state
-    entering each chunk; y: (T, b, c, g, 1, r). cumsum runs from the chunk start.
+    entering each chunk; y: (T, b, c, g, 1, r). cumsum runs from the chunk start, as does
+    ``reset_sum`` (T, b, c, 1, 1, 1), the resets' cumulative sum (or None).
     """
     decays = dl.new_empty(segment, *H.shape)
     before = torch.zeros_like(dl[0])  # cumsum(delta) up to the segment
@@ -167,7 +200,7 @@ def _carried_in(
         cum = dl[t0:t1].cumsum(0).add_(before)
         before = cum[-1]
         # Cumulative exponents reach the floor quickly: always clamp.
-        decay = _decays(cum, A, True, decays[: t1 - t0]).mul_(H)
+        decay = _decays(cum, A, True, decays[: t1 - t0], _part(reset_sum, t0, t1)).mul_(H)
         y[t0:t1] += torch.matmul(C[t0:t1], decay)
 
 
@@ -180,6 +213,7 @@ def _scan_forward(
     init: torch.Tensor | None,
     clamp: bool,
     for_backward: bool,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The chunked scan on step-major inputs (shapes as in :func:`_local_scans`).
 
@@ -192,24 +226,41 @@ def _scan_forward(
     n, r = A.shape[-2:]
     segment = _segment_steps(b * nchunks * g * n * r, T)
     checkpoints = dl.new_empty(-(-T // segment), b, nchunks, g, n, r) if for_backward else None
-    y, h = _local_scans(dl, du, B, C, A, init, clamp, segment, checkpoints)
+    y, h = _local_scans(dl, du, B, C, A, init, clamp, segment, checkpoints, reset)
     if nchunks == 1:  # chunk 0 started from init: exact already
         return y, h[:, 0], checkpoints
     # Pass 2: H_c = exp(A * sum delta over chunk c - 1) H_{c-1} + h_{c-1}.
-    chunk_decay = clamped_exp(dl.sum(0) * A, inplace=True)  # (b, c, g, n, r)
+    chunk_decay = _chunk_decay(dl, A, reset)  # (b, c, g, n, r)
     entering = torch.empty_like(h[:, 1:])
     carry = h[:, 0]
     for i in range(1, nchunks):
         entering[:, i - 1] = carry
         carry = torch.addcmul(h[:, i], chunk_decay[:, i], carry)
-    _carried_in(dl[:, :, 1:], C[:, :, 1:], A, entering, y[:, :, 1:], segment)
+    reset_sum = None if reset is None else reset[:, :, 1:].cumsum(0)
+    _carried_in(dl[:, :, 1:], C[:, :, 1:], A, entering, y[:, :, 1:], segment, reset_sum)
     if checkpoints is not None:
         # The later chunks' checkpoints started from zero: add the carried-in state's share.
-        starts = dl[: segment * (checkpoints.shape[0] - 1), :, 1:]
+        K = checkpoints.shape[0]
+        starts = dl[: segment * (K - 1), :, 1:]
         cum = starts.unflatten(0, (-1, segment)).sum(1).cumsum(0)  # (K - 1, b, c - 1, g, 1, r)
+        exponent = cum * A
+        if reset is not None:
+            # The resets before each segment start: exclusive of the segment's own steps.
+            kept = reset[: segment * (K - 1), :, 1:].unflatten(0, (-1, segment)).sum(1)
+            exponent = exponent + kept.cumsum(0)
         checkpoints[0, :, 1:] = entering
-        checkpoints[1:, :, 1:].addcmul_(clamped_exp(cum * A, inplace=True), entering)
+        checkpoints[1:, :, 1:].addcmul_(clamped_exp(exponent, inplace=True), entering)
     return y, carry, checkpoints
+
+
+def _chunk_decay(dl: torch.Tensor, A: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+    """exp(A * sum of delta over each chunk, plus its resets).
+
+    dl (T, b, c, g, 1, r) -> (b, c, g, n, r)."""
+    exponent = dl.sum(0) * A
+    if reset is not None:
+        exponent = exponent.add_(reset.sum(0))
+    return clamped_exp(exponent, inplace=True)
 
 
 def _segment_grads(
@@ -241,6 +292,7 @@ def _grad_leaving_chunks(
     A: torch.Tensor,
     clamp: bool,
     segment: int,
+    reset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the loss w.r.t. each chunk's end state through what comes after it.
 
@@ -257,10 +309,10 @@ def _grad_leaving_chunks(
     decays = dl.new_empty(segment, *local.shape)
     grads = torch.empty_like(decays)
     for t0, t1 in reversed(_segments(T, segment)):
-        _decays(dl[t0:t1], A, clamp, decays[: t1 - t0])
+        _decays(dl[t0:t1], A, clamp, decays[: t1 - t0], _part(reset, t0, t1))
         _segment_grads(dy[t0:t1], C[t0:t1], decays, local, grads)
         torch.mul(decays[0], grads[0], out=local)
-    chunk_decay = clamped_exp(dl.sum(0) * A, inplace=True)
+    chunk_decay = _chunk_decay(dl, A, reset)
     for i in range(nchunks - 1, 0, -1):
         leaving[:, i - 1] = torch.addcmul(local[:, i], chunk_decay[:, i], leaving[:, i])
     return leaving
@@ -276,6 +328,7 @@ def _scan_backward(
     A: torch.Tensor,
     checkpoints: torch.Tensor,
     clamp: bool,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`_scan_forward` (step-major shapes as there).
 
@@ -300,11 +353,13 @@ def _scan_backward(
     decays = dl.new_empty(segment, *checkpoints.shape[1:])
     grads = torch.empty_like(decays)
     # d loss / d (state before the steps still to walk), through the steps already walked.
-    carry = _grad_leaving_chunks(dy, dfinal, dl, C, A, clamp, segment)
+    carry = _grad_leaving_chunks(dy, dfinal, dl, C, A, clamp, segment, reset)
     for k, (t0, t1) in reversed(list(enumerate(_segments(T, segment)))):
         S, steps = t1 - t0, slice(t0, t1)
         states[0] = checkpoints[k]
-        _segment_states(dl[steps], du[steps], B[steps], A, clamp, states, decays)
+        _segment_states(
+            dl[steps], du[steps], B[steps], A, clamp, states, decays, _part(reset, t0, t1)
+        )
         torch.matmul(dy[steps], states[1 : S + 1].transpose(-1, -2), out=dC[steps])
         _segment_grads(dy[steps], C[steps], decays, carry, grads)
         grad_h = grads[:S]
@@ -336,11 +391,12 @@ class _SelectiveScanFn(torch.autograd.Function):
         A: torch.Tensor,
         init: torch.Tensor | None,
         clamp: bool,
+        reset: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         for_backward = any(ctx.needs_input_grad)
-        y, final, checkpoints = _scan_forward(dl, du, B, C, A, init, clamp, for_backward)
+        y, final, checkpoints = _scan_forward(dl, du, B, C, A, init, clamp, for_backward, reset)
         if for_backward:
-            ctx.save_for_backward(dl, du, B, C, A, checkpoints)
+            ctx.save_for_backward(dl, du, B, C, A, checkpoints, reset)
             ctx.clamp, ctx.has_init = clamp, init is not None
         return y, final
 
@@ -349,9 +405,10 @@ class _SelectiveScanFn(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, dy: torch.Tensor, dfinal: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        grads = _scan_backward(dy.contiguous(), dfinal, *ctx.saved_tensors, ctx.clamp)
+        *saved, reset = ctx.saved_tensors
+        grads = _scan_backward(dy.contiguous(), dfinal, *saved, ctx.clamp, reset)
         d_init = grads[-1] if ctx.has_init else None
-        return *grads[:-1], d_init, None
+        return *grads[:-1], d_init, None, None
 
 
 def _step_major(x: torch.Tensor, batch: int, nchunks: int, steps: int) -> torch.Tensor:
@@ -374,6 +431,7 @@ def selective_scan_torch(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     chunk_size: int | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan in plain PyTorch (differentiable; CPU and reference path).
 
@@ -418,6 +476,13 @@ def selective_scan_torch(
         with torch.no_grad():
             most_negative = float(Af.min()) * float(torch.linalg.vector_norm(dl, float("inf")))
         clamp = not most_negative > exp_floor(dtype)  # also True for NaN
+        reset = None
+        if seq_idx is not None:
+            clamp = True
+            reset = document_starts(seq_idx).to(dtype) * (2 * exp_floor(dtype))  # (b, L)
+            if pad:
+                reset = F.pad(reset, (0, pad))
+            reset = _step_major(reset.view(batch, nchunks * T, 1, 1, 1), batch, nchunks, T)
         if pad:
             # delta = 0 is exactly neutral: decay exp(0) = 1 and no input.
             dl, du = F.pad(dl, (0, 0, 0, pad)), F.pad(du, (0, 0, 0, pad))
@@ -429,7 +494,7 @@ def selective_scan_torch(
         # (b, g, n, L) -> (T, b, c, g, n, 1) and (T, b, c, g, 1, n)
         B_s = _step_major(Bf.permute(0, 3, 1, 2), *chunked).unsqueeze(-1)
         C_s = _step_major(Cf.permute(0, 3, 1, 2), *chunked).unsqueeze(-2)
-        y, final = _SelectiveScanFn.apply(dl_s, du_s, B_s, C_s, Af, init, clamp)
+        y, final = _SelectiveScanFn.apply(dl_s, du_s, B_s, C_s, Af, init, clamp, reset)
         final = final.transpose(2, 3).reshape(batch, dim, d_state)
 
         # (T, b, c, ..., r) -> (b, c * T, dim): moves whole contiguous rows of channels.

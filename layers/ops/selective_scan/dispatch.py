@@ -27,6 +27,7 @@ def selective_scan(
     delta_softplus: bool = False,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-1 selective scan with the semantics of mamba_ssm's ``selective_scan_fn``.
 
@@ -43,6 +44,10 @@ def selective_scan(
         initial_state: (batch, dim, d_state) or None (zeros). The CUDA kernel has no initial
             state, so passing one always takes the PyTorch path.
         return_final_state: also return the state after the last step.
+        seq_idx: (batch, seqlen) integer document of each token (packed rows), or None: the
+            state restarts from zero wherever the value changes (``initial_state`` belongs to
+            the first document). mamba_ssm's Mamba-1 kernel has no such argument, so this
+            takes the PyTorch path.
 
     Returns:
         y: (batch, dim, seqlen) in u's dtype (possibly a transposed view, see
@@ -50,7 +55,7 @@ def selective_scan(
         float32 (float64 for float64 inputs).
     """
     ops = None
-    if initial_state is None and use_kernels(u, delta, A, B, C):
+    if initial_state is None and seq_idx is None and use_kernels(u, delta, A, B, C):
         ops = mamba_ssm_ops()
     if ops is not None:
         # The kernel expects fp32 parameters (as mamba_ssm's own Mamba block passes them).
@@ -78,6 +83,7 @@ def selective_scan(
         delta_softplus=delta_softplus,
         initial_state=initial_state,
         return_final_state=return_final_state,
+        seq_idx=seq_idx,
     )
 
 

@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._common import NO_LIMIT, clamped_exp, compute_dtype, effective_dt, exp_floor, skip_and_gate
+from .._common import (
+    NO_LIMIT,
+    clamped_exp,
+    compute_dtype,
+    document_index,
+    effective_dt,
+    exp_floor,
+    skip_and_gate,
+)
 from ..kernels import needs_autograd
 
 __all__ = ["ssd_chunked_torch"]
@@ -81,7 +89,10 @@ def _segsum_decay(cs: torch.Tensor) -> torch.Tensor:
 
 
 def _pass_states(
-    states: torch.Tensor, log_decay: torch.Tensor, initial_state: torch.Tensor
+    states: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Carry states across chunks: H_c = exp(log_decay_c) H_{c-1} + S_c.
 
@@ -89,12 +100,16 @@ def _pass_states(
         states: (b, c, g, n, rep, p), S_c: each chunk's contribution from a zero state.
         log_decay: (b, c, g, rep), log of each head's decay over each whole chunk.
         initial_state: (b, g, n, rep, p), the state before the first chunk.
+        keep: (b, c) 0 / 1, 0 where a document starts inside chunk c (the state entering it
+            does not reach its end), or None.
 
     Returns:
         prev: (b, c, g, n, rep, p), the state entering each chunk; final: (b, g, n, rep, p).
     """
     b, c, g, _, r, _ = states.shape
     decay = _decay(log_decay).view(b, c, g, 1, r, 1)
+    if keep is not None:
+        decay = decay * keep.view(b, c, 1, 1, 1, 1)
     prev = []
     state = initial_state
     for i in range(c):
@@ -163,12 +178,19 @@ def _scan_chunks(
     B: torch.Tensor,
     C: torch.Tensor,
     init: torch.Tensor,
+    docs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked SSD on chunked inputs.
 
     Args (``c`` chunks of ``Q`` steps; heads split as ``g`` groups x ``r``):
         x: (b, c, Q, h, p); dt: (b, c, Q, h); cs: (b, c, Q, h) cumulative log-decay.
         B, C: (b, c, Q, g, n); init: (b, g, n, r, p), the initial state transposed.
+        docs: (b, c, Q) int64 canonical document index (see :func:`document_index`) or None.
+            Documents are applied as exact 0 / 1 masks, never through the decays, so the
+            factorised path and its precision are unchanged: a token's input reaches the
+            chunk's end state only from the chunk's last document, the carried-in state
+            reaches only the tokens before the chunk's first document start, the chunk's
+            decay is zeroed when a document starts inside it, and C B^T is block-diagonal.
 
     Returns:
         y: (b, c, Q, h, p); final: (b, g, n, r, p), transposed like ``init``.
@@ -187,18 +209,31 @@ def _scan_chunks(
 
     # 1. Each chunk's state from zero, B^T @ (exp(cs_end - cs) dt x), carried across chunks.
     # Per-(position, head) factors are combined first: one pass over x, not two.
-    xe = (x * (_decay(cs[:, :, -1:] - cs) * dt).unsqueeze(-1)).view(b, c, Q, g, r * p)
+    to_end = from_start = keep = same = None
+    if docs is not None:
+        before = torch.cat([docs[:, :1, 0], docs[:, :-1, -1]], 1)  # (b, c): token before
+        to_end = (docs == docs[:, :, -1:]).to(x.dtype).unsqueeze(-1)  # (b, c, Q, 1)
+        from_start = (docs == before[..., None]).to(x.dtype).unsqueeze(-1)
+        keep = (docs[:, :, -1] == before).to(x.dtype)  # (b, c)
+        same = docs.unsqueeze(-1) == docs.unsqueeze(-2)  # (b, c, Q, Q)
+    weight = _decay(cs[:, :, -1:] - cs) * dt
+    if to_end is not None:
+        weight = weight * to_end
+    xe = (x * weight.unsqueeze(-1)).view(b, c, Q, g, r * p)
     states = torch.matmul(Bt.transpose(-1, -2), xe.transpose(2, 3)).view(b, c, g, n, r, p)
-    prev, final = _pass_states(states, cs[:, :, -1].view(b, c, g, r), init)
+    prev, final = _pass_states(states, cs[:, :, -1].view(b, c, g, r), init, keep)
 
     # 2. Output from the carried-in state: exp(cs_i) * C_i . H_prev.
     y = torch.matmul(Ct, prev.view(b, c, g, n, r * p)).view(b, c, g, Q, r, p)
-    decay = per_head(_decay(cs))
+    entering = _decay(cs) if from_start is None else _decay(cs) * from_start
+    decay = per_head(entering)
     y = y * decay if needs_autograd(y, decay) else y.mul_(decay)
 
     # 3. Output from within the chunk: ((C B^T) * decay) @ (dt x). The causal mask goes on
     # C B^T, which is per group. Heads whose decay range allows it take the factorised path.
     CB = torch.matmul(Ct, Bt.transpose(-1, -2)).tril_()  # (b, c, g, Q, Q)
+    if same is not None:
+        CB = CB * same.unsqueeze(2)  # block-diagonal: no token sees an earlier document
     span = cs.amax(2) - cs.amin(2)  # (b, c, h)
     factor = span.detach().flatten(0, 1).amax(0) <= _FACTOR_RANGE[cs.dtype]  # (h,)
     n_factor = int(factor.sum())
@@ -234,6 +269,7 @@ def ssd_chunked_torch(
     dt_limit: tuple[float, float] = NO_LIMIT,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan in plain PyTorch (differentiable; CPU prefill and reference path).
 
@@ -266,6 +302,12 @@ def ssd_chunked_torch(
             Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
             Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
         chunked = (batch, nchunks, Q)
+        docs = None
+        if seq_idx is not None:
+            docs = document_index(seq_idx)
+            if pad:  # padded steps belong to the last document (and are identities anyway)
+                docs = torch.cat([docs, docs[:, -1:].expand(-1, pad)], 1)
+            docs = docs.view(chunked)
         cs = dA.view(*chunked, nheads).cumsum(2)  # cumulative log-decay within each chunk
         if initial_state is None:
             init = xf.new_zeros(batch, g, n, r, p)
@@ -278,6 +320,7 @@ def ssd_chunked_torch(
             Bf.view(*chunked, g, n),
             Cf.view(*chunked, g, n),
             init,
+            docs,
         )
         y = y.reshape(batch, nchunks * Q, nheads, headdim)
         if pad:

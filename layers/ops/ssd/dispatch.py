@@ -34,6 +34,7 @@ def ssd_scan(
     dt_limit: tuple[float, float] = NO_LIMIT,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 SSD scan with the semantics of mamba_ssm's ``mamba_chunk_scan_combined``.
 
@@ -50,6 +51,9 @@ def ssd_scan(
         dt_bias: (nheads,) or None.
         initial_state: (batch, nheads, headdim, d_state) or None (zeros).
         return_final_state: also return the state after the last token.
+        seq_idx: (batch, seqlen) integer document of each token (packed rows), or None. The
+            state restarts from zero wherever the value changes; ``initial_state`` belongs to
+            the first document. Passed to the Triton kernel as int32.
 
     Returns:
         y: (batch, seqlen, nheads, headdim) in x's dtype, and if requested final_state:
@@ -71,6 +75,7 @@ def ssd_scan(
             dt_softplus=dt_softplus,
             dt_limit=dt_limit,
             return_final_states=return_final_state,
+            **({} if seq_idx is None else {"seq_idx": seq_idx.to(torch.int32).contiguous()}),
         )
     return ssd_chunked_torch(
         x,
@@ -86,6 +91,7 @@ def ssd_scan(
         dt_limit=dt_limit,
         initial_state=initial_state,
         return_final_state=return_final_state,
+        seq_idx=seq_idx,
     )
 
 
