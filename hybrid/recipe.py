@@ -161,6 +161,9 @@ class TrainerConfig(Section):
     activation_checkpointing: bool | int = False
     # torch.compile the model for the training step (compiled on the first step).
     compile: bool = False
+    # MoE load-balancing loss: expert token counts of this rank's micro-batch ("rank") or
+    # all-reduced over the data-parallel ranks ("global", global-batch balancing).
+    moe_balance: Literal["rank", "global"] = "rank"
 
     @field_validator("activation_checkpointing")
     @classmethod

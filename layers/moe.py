@@ -160,7 +160,13 @@ class MoE(Block):
 
     Tokens are sorted by expert and each expert runs once on its contiguous slice (a loop over
     experts, never over tokens); every token reaches all of its top-k experts.
+
+    ``global_balance`` (a training setting, ``trainer.moe_balance: global``): the
+    load-balancing loss counts the experts' tokens over every data-parallel rank (an
+    all-reduce of the counts), not this rank's micro-batch alone.
     """
+
+    global_balance: bool = False
 
     def __init__(self, d_model: int, options: MoEOptions, layer_idx: int) -> None:
         super().__init__(d_model, options, layer_idx)
@@ -235,7 +241,9 @@ class MoE(Block):
         if context is not None and context.decoding:
             return combined.view_as(hidden)  # no losses nor statistics at inference
 
-        load_balance, z_loss = router_losses(logits, indices, opts.n_experts)
+        load_balance, z_loss = router_losses(
+            logits, indices, opts.n_experts, global_counts=self.global_balance and self.training
+        )
         aux = opts.aux_loss_weight * load_balance + opts.z_loss_weight * z_loss
         stats = {
             "tokens_per_expert": counts.detach(),
@@ -304,18 +312,24 @@ class MoE(Block):
 
 
 def router_losses(
-    logits: torch.Tensor, indices: torch.Tensor, n_experts: int
+    logits: torch.Tensor, indices: torch.Tensor, n_experts: int, *, global_counts: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch-Transformer load-balancing loss and ST-MoE router z-loss.
 
     load_balance = n_experts * sum_e f_e * P_e, with f_e the fraction of routing slots sent to
     expert e and P_e the mean softmax probability of e (1 when perfectly balanced);
-    z_loss = mean over tokens of logsumexp(logits)^2.
+    z_loss = mean over tokens of logsumexp(logits)^2. ``global_counts``: f_e over the slots of
+    every rank of the default process group (all-reduced; P_e stays this rank's, so the
+    gradient needs no communication), as global-batch balancing does (Qwen's MoE training);
+    without an initialised process group it is this rank's.
 
     Shapes: logits (n, n_experts), indices (n, top_k) -> two scalars.
     """
     probs = logits.softmax(-1)
-    fraction = torch.bincount(indices.flatten(), minlength=n_experts).to(probs) / indices.numel()
+    counts = torch.bincount(indices.flatten(), minlength=n_experts).to(probs)
+    if global_counts and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    fraction = counts / counts.sum().clamp_min(1)
     load_balance = n_experts * torch.sum(fraction * probs.mean(0))
     z_loss = torch.logsumexp(logits, dim=-1).square().mean()
     return load_balance, z_loss

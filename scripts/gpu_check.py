@@ -107,6 +107,22 @@ STEPS = [
         "training step per block family",
     ),
     Step(
+        "train-fsdp2",
+        [
+            "bash", "-c",
+            f"{PYTHON} -m hybrid.cli train recipes/quickstart.yaml trainer.strategy=fsdp "
+            "trainer.max_steps=20 trainer.val_every=10 logging.wandb=false "
+            "output_dir={out}/runs name=fsdp2 --no-progress && "
+            f"{PYTHON} -m hybrid.cli train recipes/quickstart.yaml trainer.strategy=fsdp "
+            "trainer.max_steps=30 trainer.val_every=10 logging.wandb=false "
+            "output_dir={out}/runs name=fsdp2 --resume --no-progress && "
+            f"{PYTHON} -m hybrid.cli generate --checkpoint {{out}}/runs/fsdp2 "
+            "--prompt 'def ' --max-new-tokens 32",
+        ],
+        120,
+        "FSDP2 (trainer.strategy: fsdp) on one GPU: train, --resume, generate from it",
+    ),
+    Step(
         "bench-decode",
         python("scripts/bench_decode.py --device cuda --threads 0 --out {out}/bench_decode"),
         90,

@@ -69,8 +69,26 @@ class HybridLightningModule(pl.LightningModule):
         every = recipe.trainer.checkpoint_every()
         if every:
             self.model.enable_activation_checkpointing(every)
+        if recipe.trainer.moe_balance == "global":
+            for block in self.model.blocks:
+                if hasattr(type(block), "global_balance"):
+                    block.global_balance = True
         if recipe.trainer.compile:
             self.model.compile()
+
+    def configure_model(self) -> None:
+        """FSDP2 (``trainer.strategy: fsdp``, Lightning's ModelParallelStrategy): each
+        sublayer is a ``fully_shard`` unit over the data-parallel mesh, then the whole model
+        (embedding, tied head and final norm); nothing to do under other strategies."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        shard_mesh = mesh["data_parallel"]
+        for sublayer in self.model.sublayers:
+            fully_shard(sublayer, mesh=shard_mesh)
+        fully_shard(self.model, mesh=shard_mesh)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits

@@ -335,12 +335,24 @@ def _precision(recipe: Recipe) -> str:
 
 
 def _strategy(recipe: Recipe) -> Any:
-    """``trainer.strategy`` as Lightning takes it: DDP off the GPU talks over gloo."""
+    """``trainer.strategy`` as Lightning takes it: DDP off the GPU talks over gloo; ``fsdp``
+    is FSDP2 (``fully_shard``, applied in the module's ``configure_model``) through
+    Lightning's ModelParallelStrategy, data-parallel over every device, with checkpoints
+    gathered into one file (what ``--resume`` and ``hybrid generate`` read)."""
     strategy: Any = recipe.trainer.strategy
     if strategy == "ddp" and not _on_gpu(recipe):
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend="gloo")
+    if strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        trainer = recipe.trainer
+        return ModelParallelStrategy(
+            data_parallel_size=trainer.devices * trainer.num_nodes,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=False,
+        )
     return strategy
 
 

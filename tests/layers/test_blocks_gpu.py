@@ -47,3 +47,20 @@ def test_kernel_path_matches_torch_path(pattern, length, monkeypatch):
     ids = torch.randint(0, 64, (2, length), device="cuda")
     kernel, reference = run_both_paths(model, ids, monkeypatch)
     torch.testing.assert_close(kernel, reference, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("pattern", ["M", "M-S*-E"])
+def test_packed_documents_on_the_kernel_path_match_the_torch_path(pattern, monkeypatch):
+    """seq_idx through mamba_chunk_scan_combined and causal_conv1d_fn (int32, channel-last)
+    gives the PyTorch path's logits, which equal each document run alone (tests/layers)."""
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig(pattern, **CONFIG)).cuda()
+    ids = torch.randint(0, 64, (2, 300), device="cuda")
+    seq_idx = torch.zeros(2, 300, dtype=torch.long, device="cuda")
+    seq_idx[0, 40:] += 1
+    seq_idx[0, 41:] += 1
+    seq_idx[1, 200:] += 1
+    kernel = model(ids, seq_idx=seq_idx).logits
+    monkeypatch.setenv("HYBRID_DISABLE_KERNELS", "1")
+    reference = model(ids, seq_idx=seq_idx).logits
+    torch.testing.assert_close(kernel, reference, rtol=1e-3, atol=1e-3)

@@ -142,3 +142,32 @@ def test_checkpointing_a_block_that_cannot_be_rerun_is_refused():
     assert model.checkpoint_every == 4
     with pytest.raises(ValueError, match=r"^activation_checkpointing: must be a number"):
         model.enable_activation_checkpointing(-1)
+
+
+def test_moe_balance_over_the_global_batch_from_the_recipe():
+    from layers.moe import MoE
+
+    moe = [b for b in module_for(moe_balance="global").model.blocks if isinstance(b, MoE)]
+    assert moe and all(block.global_balance for block in moe)
+    assert not any(b.global_balance for b in module_for().model.blocks if isinstance(b, MoE))
+
+
+def test_fsdp_is_fsdp2_through_lightnings_model_parallel_strategy():
+    """Built here (no GPU to run it): data-parallel over every device, full checkpoints."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from hybrid.train.run import _strategy
+
+    data = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    data["trainer"].update(strategy="fsdp", devices=4, num_nodes=2, accelerator="gpu")
+    strategy = _strategy(validate_recipe(data))
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
+    assert strategy._save_distributed_checkpoint is False
+    module_for().configure_model()  # no device mesh (not under that strategy): nothing done
+
+
+def test_recipe_compiles_the_model_in_place():
+    module = module_for(compile=True)
+    assert module.model._compiled_call_impl is not None  # nn.Module.compile: same state keys
+    assert "embedding.weight" in module.model.state_dict()

@@ -112,9 +112,11 @@ def _pass_states(
         decay = decay * keep.view(b, c, 1, 1, 1, 1)
     prev = []
     state = initial_state
-    for i in range(c):
+    # unbind, not states[:, i]: the backward of c selects would build c zero-filled
+    # full-size gradients (quadratic in the number of chunks); unbind's is one stack.
+    for contribution, chunk_decay in zip(states.unbind(1), decay.unbind(1), strict=True):
         prev.append(state)
-        state = torch.addcmul(states[:, i], state, decay[:, i])
+        state = torch.addcmul(contribution, state, chunk_decay)
     return torch.stack(prev, dim=1), state
 
 
