@@ -109,7 +109,8 @@ STEPS = [
     Step(
         "train-fsdp2",
         [
-            "bash", "-c",
+            "bash",
+            "-c",
             f"{PYTHON} -m hybrid.cli train recipes/quickstart.yaml trainer.strategy=fsdp "
             "trainer.max_steps=20 trainer.val_every=10 logging.wandb=false "
             "output_dir={out}/runs name=fsdp2 --no-progress && "
