@@ -91,6 +91,12 @@ class Mamba2(Block):
     """
 
     separates_documents = True
+    # Without a cache off CUDA, sequences longer than this run in segments of this many
+    # tokens, the scan's state and the conv's last inputs carried from one to the next
+    # (exactly the same result, to rounding): each segment's activations stay in the CPU's
+    # cache, where whole 16K-token tensors would stream from memory in every elementwise op
+    # (scripts/bench_train.py measures it). None: never.
+    segment_length: int | None = 2048
 
     def __init__(self, d_model: int, options: Mamba2Options, layer_idx: int) -> None:
         super().__init__(d_model, options, layer_idx)
@@ -120,6 +126,9 @@ class Mamba2(Block):
         length = hidden.shape[1]
         valid = None if context is None or context.valid is None else context.valid[..., None]
         seq_idx = None if context is None else context.seq_idx
+        segment = self.segment_length
+        if cache is None and valid is None and segment and length > segment and not hidden.is_cuda:
+            return self._forward_in_segments(hidden, seq_idx, segment)
         z, xbc, dt = self.in_proj(hidden).split_with_sizes(
             [self.d_inner, self.conv_dim, self.nheads], -1
         )
@@ -169,6 +178,51 @@ class Mamba2(Block):
                 cache.ssm_state.copy_(final_state)  # the buffer stays contiguous, in place
             y = rearrange(y, "b l h p -> b l (h p)")
         return self.out_proj(self.norm(y, z))
+
+    def _forward_in_segments(
+        self, hidden: torch.Tensor, seq_idx: torch.Tensor | None, segment: int
+    ) -> torch.Tensor:
+        """:meth:`forward` without a cache, ``segment`` tokens at a time: each segment's conv
+        sees the previous ``d_conv - 1`` inputs (and their documents), its scan starts from the
+        previous segment's final state, zeroed in rows where a document starts with the
+        segment. Shapes: hidden (b, l, d_model), seq_idx (b, l) or None -> (b, l, d_model)."""
+        opts = self.options
+        group_width = opts.ngroups * opts.d_state
+        overlap = opts.d_conv - 1
+        A = state_matrix(self)
+        outputs, state, tail = [], None, None
+        for start in range(0, hidden.shape[1], segment):
+            end = min(start + segment, hidden.shape[1])
+            z, xbc, dt = self.in_proj(hidden[:, start:end]).split_with_sizes(
+                [self.d_inner, self.conv_dim, self.nheads], -1
+            )
+            window = xbc if tail is None else torch.cat([tail, xbc], 1)
+            lead = window.shape[1] - xbc.shape[1]
+            docs = None if seq_idx is None else seq_idx[:, start - lead : end]
+            tail = window[:, -overlap:] if overlap else None
+            xbc = causal_conv_silu(window, self.conv1d, None, None, False, docs)[:, lead:]
+            if state is not None and seq_idx is not None:
+                same = seq_idx[:, start] == seq_idx[:, start - 1]  # (b,)
+                state = state * same.to(state.dtype).view(-1, 1, 1, 1)
+            x, B, C = xbc.split([self.d_inner, group_width, group_width], -1)
+            y, state = ssd_scan(
+                rearrange(x, "b l (h p) -> b l h p", p=opts.headdim),
+                dt,
+                A,
+                rearrange(B, "b l (g n) -> b l g n", g=opts.ngroups),
+                rearrange(C, "b l (g n) -> b l g n", g=opts.ngroups),
+                chunk_size=opts.chunk_size,
+                D=self.D,
+                initial_state=state,
+                return_final_state=True,
+                seq_idx=None if seq_idx is None else seq_idx[:, start:end],
+                dt_bias=self.dt_bias,
+                dt_softplus=True,
+                dt_limit=opts.dt_limit,
+            )
+            y = rearrange(y, "b l h p -> b l (h p)")
+            outputs.append(self.out_proj(self.norm(y, z)))
+        return torch.cat(outputs, 1)
 
     def allocate_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device

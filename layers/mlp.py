@@ -100,11 +100,19 @@ class FeedForward(nn.Module):
 class MLP(Block):
     """Dense feed-forward sublayer. Shapes: (batch, seqlen, d_model) -> same."""
 
+    # Off CUDA, sequences longer than this go through in segments of this many tokens, so
+    # that the (segment, hidden_size) intermediates stay in the CPU's cache (the same result;
+    # see Mamba2.segment_length). None: never.
+    segment_length: int | None = 2048
+
     def __init__(self, d_model: int, options: MLPOptions, layer_idx: int) -> None:
         super().__init__(d_model, options, layer_idx)
         self.ffn = FeedForward(d_model, options.hidden_size, options.activation, options.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        segment = self.segment_length
+        if segment and hidden.shape[1] > segment and not hidden.is_cuda:
+            return torch.cat([self.ffn(part) for part in hidden.split(segment, 1)], 1)
         return self.ffn(hidden)
 
     def residual_weights(self) -> list[nn.Parameter]:
