@@ -29,6 +29,10 @@ def test_bench_train_reports_every_variant(tmp_path):
     for row in rows:
         assert row["step_s"] > 0 and row["tokens_per_s"] == row["length"] / row["step_s"]
         assert 0 < row["mfu"] < 1
+        # Against the highest matmul rate of the run, each worker's own included.
+        assert result["matmul_flops"] >= row["matmul_flops"] > 0
+        mfu = row["flops_per_token"] * row["tokens_per_s"] / result["matmul_flops"]
+        assert abs(row["mfu"] - mfu) < 1e-12
     by = {(r["model"], r["checkpointing"]): r for r in rows}
     assert (
         by[("mamba2", True)]["saved_activation_bytes"]
