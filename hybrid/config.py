@@ -16,7 +16,7 @@ from layers.attention import AttentionOptions
 from layers.options import build_options, merge_options, require, require_positive_int
 from layers.registry import get_block
 
-BUILTIN_FAMILIES = ("attention", "mamba2", "mamba1", "mlp", "moe")
+BUILTIN_FAMILIES = ("attention", "mamba2", "mamba1", "gated_deltanet", "mlp", "moe")
 
 
 @dataclass
@@ -27,8 +27,9 @@ class HybridConfig:
         pattern: the layout, in any form :func:`hybrid.pattern.parse_pattern` accepts.
         vocab_size: token vocabulary size.
         d_model: residual stream width.
-        attention / mamba2 / mamba1 / mlp / moe: options of each block family (a mapping or
-            the family's options dataclass), used by every sublayer of that family.
+        attention / mamba2 / mamba1 / gated_deltanet / mlp / moe: options of each block
+            family (a mapping or the family's options dataclass), used by every sublayer of
+            that family.
         blocks: options of user-registered block families, by registry name.
         layer_overrides: per-sublayer options by index, e.g. ``{3: {"window": 256}}``
             (the list form of ``pattern`` can carry them too).
@@ -52,6 +53,7 @@ class HybridConfig:
     attention: Any = field(default_factory=dict)
     mamba2: Any = field(default_factory=dict)
     mamba1: Any = field(default_factory=dict)
+    gated_deltanet: Any = field(default_factory=dict)
     mlp: Any = field(default_factory=dict)
     moe: Any = field(default_factory=dict)
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)

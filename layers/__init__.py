@@ -4,7 +4,7 @@ Importing this package registers the built-ins: ``mamba2`` (M), ``mamba1`` (S),
 ``attention`` (*), ``mlp`` (-), ``moe`` (E).
 """
 
-from layers import attention, mamba1, mamba2, mlp, moe  # noqa: F401  (registers the blocks)
+from layers import attention, gated_deltanet, mamba1, mamba2, mlp, moe  # noqa: F401  (registers the blocks)
 from layers.base import Block, BlockOutput
 from layers.registry import BlockSpec, get_block, register_block, registered_blocks
 

@@ -74,3 +74,24 @@ def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """
     mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
     return mean_square.add_(eps).rsqrt_()
+
+
+class HeadRMSNormGated(nn.Module):
+    """``rmsnorm(x) * weight * silu(gate)`` per head: the norm before the gate, one weight
+    shared by all heads (Gated DeltaNet's output norm, as in flash-linear-attention's
+    ``FusedRMSNormGated`` and transformers' Qwen3-Next).
+
+    Shapes: x, gate (..., heads, head_dim) -> same; ``gate`` None: the norm alone.
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+
+    def forward(self, hidden: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        x = upcast(hidden)
+        normed = F.rms_norm(x, (x.shape[-1],), upcast(self.weight), self.eps)
+        if gate is not None:
+            normed = normed * F.silu(upcast(gate))
+        return normed.to(hidden.dtype)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from hybrid.config import HybridConfig
 from hybrid.convert.common import unsupported
 from hybrid.convert.hf_config import require_value
@@ -187,3 +189,33 @@ def mamba2_sizes_to_hf(options: Any, config: HybridConfig, model_type: str) -> d
         "one epsilon for all norms, the model's norm_eps",
     )  # fmt: skip
     return {"expand": d_inner // config.d_model, "n_heads": d_inner // options.headdim}
+
+
+def gated_deltanet_in_proj_from_hf(
+    qkvz: torch.Tensor, ba: torch.Tensor, options: Any
+) -> torch.Tensor:
+    """Our ``gated_deltanet`` ``in_proj.weight`` from Qwen3-Next's ``in_proj_qkvz`` and
+    ``in_proj_ba`` weights, whose rows are grouped per key head: [q_i, k_i, v_i, z_i] and
+    [b_i, a_i], with key head i's ``n_v_heads / n_heads`` value heads in v_i, z_i, b_i, a_i.
+    Ours are [q | k | v | z | b | a], each in head order. Shapes: qkvz (2 * n_heads *
+    head_k_dim + 2 * n_v_heads * head_v_dim, d_model), ba (2 * n_v_heads, d_model) -> the
+    rows of both, reordered."""
+    nk, dk, dv = options.n_heads, options.head_k_dim, options.head_v_dim
+    per_head = options.n_v_heads // nk
+    q, k, v, z = qkvz.view(nk, -1, qkvz.shape[-1]).split([dk, dk, per_head * dv, per_head * dv], 1)
+    b, a = ba.view(nk, 2 * per_head, ba.shape[-1]).split([per_head, per_head], 1)
+    return torch.cat([t.flatten(0, 1) for t in (q, k, v, z, b, a)])
+
+
+def gated_deltanet_in_proj_to_hf(
+    in_proj: torch.Tensor, options: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`gated_deltanet_in_proj_from_hf`: (in_proj_qkvz, in_proj_ba)."""
+    nk, dk, dv, nv = options.n_heads, options.head_k_dim, options.head_v_dim, options.n_v_heads
+    per_head = nv // nk
+    hidden = in_proj.shape[-1]
+    q, k, v, z, b, a = in_proj.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv])
+    grouped = [t.reshape(nk, -1, hidden) for t in (q, k, v, z)]
+    qkvz = torch.cat(grouped, 1).flatten(0, 1)
+    ba = torch.cat([b.reshape(nk, per_head, hidden), a.reshape(nk, per_head, hidden)], 1)
+    return qkvz, ba.flatten(0, 1)

@@ -14,6 +14,13 @@ BASE = {
     "d_model": 32,
     "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8, "ngroups": 2},
     "mamba1": {"d_state": 4},
+    "gated_deltanet": {
+        "n_heads": 2,
+        "n_v_heads": 4,
+        "head_k_dim": 8,
+        "head_v_dim": 4,
+        "chunk_size": 8,
+    },
     "attention": {"n_heads": 4, "n_kv_heads": 2},
     "moe": {"n_experts": 4, "top_k": 2, "expert_hidden_size": 16},
 }
@@ -45,7 +52,7 @@ def chunked_logits(model, ids, sizes, max_seqlen=None, attention_mask=None):
 @pytest.mark.parametrize(
     "pattern",
     [
-        "M", "S", "*", ["*", WINDOWED], "-E", "M-S*-E",
+        "M", "S", "D", "*", ["*", WINDOWED], "-E", "M-S*-E", "D-M*-E",
         ["M", WINDOWED, "S", "*", "E", "M"], "S-SES-SE*-SES-SE",
     ],
 )  # fmt: skip
@@ -67,7 +74,7 @@ def test_random_patterns_and_splits():
     rng = random.Random(7)
     for trial in range(12):
         symbols = [
-            rng.choice(["M", "S", "*", "-", "E", WINDOWED]) for _ in range(rng.randint(1, 5))
+            rng.choice(["M", "S", "D", "*", "-", "E", WINDOWED]) for _ in range(rng.randint(1, 5))
         ]
         torch.manual_seed(trial)
         model = HybridLM(HybridConfig(symbols, **BASE)).eval()
@@ -90,7 +97,7 @@ def left_pad(sequences, pad_id=0):
 
 
 @pytest.mark.parametrize(
-    "pattern", ["M", "S", "*", ["*", WINDOWED], "M-S*-E", ["S", WINDOWED, "M"]]
+    "pattern", ["M", "S", "D", "*", ["*", WINDOWED], "M-S*-E", ["S", WINDOWED, "M", "D"]]
 )
 def test_left_padded_batch_equals_each_sequence_alone(pattern):
     torch.manual_seed(1)
@@ -162,7 +169,7 @@ def test_capacity_is_checked_before_any_work():
 
 
 def test_cache_bytes_match_hybrid_info_and_windows_are_bounded():
-    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E"], **BASE)
+    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E", "D"], **BASE)
     model = HybridLM(config)
     for context in (3, 100):
         cache = model.allocate_cache(1, context, dtype=torch.bfloat16)
@@ -178,7 +185,7 @@ def test_cache_bytes_match_hybrid_info_and_windows_are_bounded():
 
 def test_state_stays_float32_under_bf16_autocast_decoding():
     torch.manual_seed(4)
-    model = HybridLM(HybridConfig("M-S*", **BASE)).eval()
+    model = HybridLM(HybridConfig("M-S*D", **BASE)).eval()
     ids = torch.randint(0, 40, (1, 12))
     with torch.no_grad():
         full = model(ids).logits
@@ -187,12 +194,13 @@ def test_state_stays_float32_under_bf16_autocast_decoding():
             model(ids[:, :6], cache=cache)
             steps = [model(ids[:, i : i + 1], cache=cache).logits for i in range(6, 12)]
     assert cache.entries[0].ssm_state.dtype == torch.float32
+    assert cache.entries[-1].ssm_state.dtype == torch.float32
     assert relative_error(torch.cat(steps, 1).float(), full[:, 6:]) < 0.05
 
 
 def test_a_narrower_cache_dtype_than_the_model():
     torch.manual_seed(5)
-    model = HybridLM(HybridConfig(["M", "*", WINDOWED, "S"], **BASE)).eval()
+    model = HybridLM(HybridConfig(["M", "*", WINDOWED, "S", "D"], **BASE)).eval()
     ids = torch.randint(0, 40, (1, 12))
     with torch.no_grad():
         full = model(ids).logits
@@ -219,7 +227,7 @@ def test_a_single_left_padded_row_equals_no_padding():
     assert out[0, ids.shape[1] :].tolist() == model.generate(torch.tensor([seq]), 5)[0, 6:].tolist()
 
 
-@pytest.mark.parametrize("pattern", ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"]])
+@pytest.mark.parametrize("pattern", ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"], "D-*-"])
 def test_static_decode_step_equals_the_dynamic_path(pattern):
     torch.manual_seed(7)
     model = HybridLM(HybridConfig(pattern, **BASE)).eval()

@@ -155,13 +155,14 @@ def build(pattern: str, position: str = "rope", seed: int = 0, window: int | Non
         attention={"n_heads": 4, "n_kv_heads": 2, "position": position, "window": window},
         mamba2={"d_state": 8, "headdim": 8, "chunk_size": 8},
         mamba1={"d_state": 4},
+        gated_deltanet={"n_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "chunk_size": 8},
         moe={"n_experts": 4, "top_k": 2, "expert_hidden_size": 32},
     )  # fmt: skip
     return HybridLM(config)
 
 
 def random_pattern(rng: random.Random) -> str:
-    mixers, feedforwards = "MS*", "-E"
+    mixers, feedforwards = "MSD*", "-E"
     return "".join(rng.choice(mixers) + rng.choice(feedforwards) for _ in range(rng.randint(1, 3)))
 
 
@@ -170,6 +171,7 @@ CASES = [
     ("S-*E", "alibi", None),
     ("*-*-", "sinusoidal", None),
     ("M-S-*-", "none", None),
+    ("D-*-D-", "rope", None),
     ("*-M-", "rope", 6),  # sliding window
 ] + [(random_pattern(random.Random(seed)), "rope", None) for seed in range(4)]
 

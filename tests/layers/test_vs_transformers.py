@@ -464,3 +464,56 @@ def test_nemotron_h_moe(length, norm_topk_prob):
     load(ours, theirs, mapping)
     x = inputs(32, length)
     torch.testing.assert_close(ours(x).hidden, theirs(x), **TOL)
+
+
+# ----------------------------------------------------------------------------------- Qwen3-Next
+
+
+def qwen3_next_linear_attention(nk: int, nv: int, dk: int, dv: int, seed: int):
+    """transformers' Qwen3NextGatedDeltaNet (its torch chunked path: fla is not installed) and
+    our gated_deltanet block with the same weights (in_proj rows regrouped)."""
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    from hybrid.convert.blocks import gated_deltanet_in_proj_from_hf
+
+    config = Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, layer_types=["linear_attention"],
+        linear_num_key_heads=nk, linear_num_value_heads=nv, linear_key_head_dim=dk,
+        linear_value_head_dim=dv, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
+    )  # fmt: skip
+    theirs = modeling_qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0).eval()
+    randomize(theirs, seed=seed)
+    ours = our_block(
+        "gated_deltanet", 32, n_heads=nk, n_v_heads=nv, head_k_dim=dk, head_v_dim=dv,
+        d_conv=4, chunk_size=8, norm_eps=1e-6,
+    )  # fmt: skip
+    weights = dict(theirs.named_parameters())
+    ours.load_state_dict({
+        "in_proj.weight": gated_deltanet_in_proj_from_hf(
+            weights["in_proj_qkvz.weight"], weights["in_proj_ba.weight"], ours.options
+        ),
+        **{name: weights[name] for name in
+           ("conv1d.weight", "dt_bias", "A_log", "norm.weight", "out_proj.weight")},
+    })  # fmt: skip
+    return ours, theirs
+
+
+@pytest.mark.parametrize(("nk", "nv", "dk", "dv"), [(2, 2, 8, 8), (2, 4, 8, 4), (1, 3, 4, 6)])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_qwen3_next_gated_deltanet(length, nk, nv, dk, dv):
+    """Value heads sharing key heads (2x, 3x) and head_v_dim != head_k_dim; their chunk is 64,
+    ours 8, so the chunking differs too."""
+    ours, theirs = qwen3_next_linear_attention(nk, nv, dk, dv, seed=21)
+    x = inputs(32, length)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+def test_qwen3_next_in_proj_round_trip():
+    from hybrid.convert.blocks import gated_deltanet_in_proj_to_hf
+
+    ours, theirs = qwen3_next_linear_attention(2, 4, 8, 4, seed=22)
+    qkvz, ba = gated_deltanet_in_proj_to_hf(ours.in_proj.weight, ours.options)
+    assert torch.equal(qkvz, theirs.in_proj_qkvz.weight)
+    assert torch.equal(ba, theirs.in_proj_ba.weight)
