@@ -14,9 +14,12 @@ import layers  # noqa: F401  (registers the built-in blocks)
 from hybrid.pattern import Pattern, parse_pattern, pattern_string
 from layers.attention import AttentionOptions
 from layers.options import build_options, merge_options, require, require_positive_int
+from layers.parallel import resolve_mixers
 from layers.registry import get_block
 
-BUILTIN_FAMILIES = ("attention", "mamba2", "mamba1", "gated_deltanet", "mlp", "moe")
+BUILTIN_FAMILIES = (
+    "attention", "mamba2", "mamba1", "gated_deltanet", "short_conv", "mlp", "moe",
+)  # fmt: skip
 
 
 @dataclass
@@ -27,9 +30,9 @@ class HybridConfig:
         pattern: the layout, in any form :func:`hybrid.pattern.parse_pattern` accepts.
         vocab_size: token vocabulary size.
         d_model: residual stream width.
-        attention / mamba2 / mamba1 / gated_deltanet / mlp / moe: options of each block
-            family (a mapping or the family's options dataclass), used by every sublayer of
-            that family.
+        attention / mamba2 / mamba1 / gated_deltanet / short_conv / mlp / moe: options of
+            each block family (a mapping or the family's options dataclass), used by every
+            sublayer of that family (and by the mixers inside ``parallel`` sublayers).
         blocks: options of user-registered block families, by registry name.
         layer_overrides: per-sublayer options by index, e.g. ``{3: {"window": 256}}``
             (the list form of ``pattern`` can carry them too).
@@ -54,6 +57,7 @@ class HybridConfig:
     mamba2: Any = field(default_factory=dict)
     mamba1: Any = field(default_factory=dict)
     gated_deltanet: Any = field(default_factory=dict)
+    short_conv: Any = field(default_factory=dict)
     mlp: Any = field(default_factory=dict)
     moe: Any = field(default_factory=dict)
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -96,17 +100,26 @@ class HybridConfig:
                 f"index {index!r} is not a sublayer index in [0, {len(parsed)})",
             )
 
+        def resolve_block(name: str, overrides: dict[str, Any], where: str | None) -> Any:
+            """One block's options: its family's, with ``overrides``, resolved."""
+            spec = get_block(name)
+            base = family_options.get(name) or spec.options_class()
+            family_where = name if name in BUILTIN_FAMILIES else f"blocks.{name}"
+            where = where or family_where
+            options = merge_options(base, overrides, where) if overrides else base
+            if name == "parallel":  # its mixers are resolved like sublayers of their own
+                mixers = resolve_mixers(options.mixers, resolve_block, where)
+                options = dataclasses.replace(options, mixers=mixers)
+            return options.resolve(self.d_model, where)
+
         self.layers: list[str] = []
         self.layer_options: list[Any] = []
         for index, (name, overrides) in enumerate(parsed):
-            spec = get_block(name)
             overrides = {**overrides, **self.layer_overrides.get(index, {})}
-            base = family_options.get(name) or spec.options_class()
-            family_where = name if name in BUILTIN_FAMILIES else f"blocks.{name}"
-            where = f"layers[{index}].{name}" if overrides else family_where
-            options = merge_options(base, overrides, where) if overrides else base
+            # A parallel sublayer's options are its own (no family options to name).
+            where = f"layers[{index}].{name}" if overrides or name == "parallel" else None
             self.layers.append(name)
-            self.layer_options.append(options.resolve(self.d_model, where))
+            self.layer_options.append(resolve_block(name, overrides, where))
         self._check_positions()
 
     def _check_positions(self) -> None:
@@ -134,7 +147,7 @@ class HybridConfig:
     @property
     def pattern_string(self) -> str:
         """The layout as a symbol string (per-layer overrides are not shown)."""
-        return pattern_string(self.layers)
+        return pattern_string(self.layers, self.layer_options)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON / YAML friendly) that :meth:`from_dict` turns back into this config."""

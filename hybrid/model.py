@@ -226,7 +226,7 @@ class HybridLM(GenerationMixin, nn.Module):
             )
         for index in range(0, len(self.sublayers), every or len(self.sublayers) + 1):
             block = self.sublayers[index].block
-            if not type(block).recomputable:
+            if not block.recomputable:  # an instance's (parallel: its mixers') or the class's
                 raise ValueError(
                     f"activation_checkpointing: layers[{index}] (block "
                     f"{self.config.layers[index]!r}) sets recomputable = False: its forward "
@@ -241,7 +241,7 @@ class HybridLM(GenerationMixin, nn.Module):
             name = self.config.layers[index]
             if get_block(name).role != "mixer":
                 continue
-            if not (sublayer.takes_context and type(sublayer.block).separates_documents):
+            if not (sublayer.takes_context and sublayer.block.separates_documents):
                 raise ValueError(
                     f"layers[{index}]: block {name!r} mixes tokens but does not keep packed "
                     "documents apart (it needs separates_documents = True and to honour "

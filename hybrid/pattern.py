@@ -30,10 +30,7 @@ def parse_pattern(pattern: Pattern) -> list[tuple[str, dict[str, Any]]]:
             item of the wrong form; the message names ``pattern`` or ``pattern[i]``.
     """
     if isinstance(pattern, str):
-        symbols = [char for char in pattern if char not in SEPARATORS]
-        if not symbols:
-            raise ValueError("pattern: must name at least one block; got an empty pattern")
-        return [(get_block(s, where=f"pattern[{i}]").name, {}) for i, s in enumerate(symbols)]
+        return _parse_symbols(pattern)
     if not isinstance(pattern, Sequence) or not pattern:
         raise ValueError(
             "pattern: must be a non-empty string of block symbols or list of block names; "
@@ -62,9 +59,53 @@ def parse_pattern(pattern: Pattern) -> list[tuple[str, dict[str, Any]]]:
     return layers
 
 
-def pattern_string(block_names: Sequence[str]) -> str:
-    """The symbol string of a list of registry names (overrides are not expressible)."""
-    return "".join(get_block(name).symbol for name in block_names)
+def _parse_symbols(pattern: str) -> list[tuple[str, dict[str, Any]]]:
+    """A symbol string; ``[...]`` puts the mixers inside side by side in one sublayer."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    group: list[str] | None = None
+    position = 0  # index among the symbols, brackets not counted (what errors name)
+    for char in pattern:
+        if char in SEPARATORS:
+            continue
+        if char == "[":
+            if group is not None:
+                raise ValueError(f"pattern[{position}]: '[' inside '[...]': groups do not nest")
+            group = []
+        elif char == "]":
+            if group is None:
+                raise ValueError(f"pattern[{position}]: ']' without an opening '['")
+            if len(group) < 2:
+                raise ValueError(
+                    f"pattern[{position}]: '[...]' needs at least two mixers side by side; got "
+                    f"{''.join(get_block(name).symbol for name in group) or 'none'}"
+                )
+            layers.append(("parallel", {"mixers": group}))
+            group = None
+        else:
+            name = get_block(char, where=f"pattern[{position}]").name
+            position += 1
+            if group is None:
+                layers.append((name, {}))
+            else:
+                group.append(name)
+    if group is not None:
+        raise ValueError("pattern: '[' is never closed with ']'")
+    if not layers:
+        raise ValueError("pattern: must name at least one block; got an empty pattern")
+    return layers
+
+
+def pattern_string(block_names: Sequence[str], options: Sequence[Any] | None = None) -> str:
+    """The symbol string of a list of registry names (overrides are not expressible);
+    with the resolved ``options``, parallel sublayers show as ``[...]`` of their mixers."""
+    symbols = []
+    for index, name in enumerate(block_names):
+        if name == "parallel" and options is not None:
+            inner = [get_block(mixer).symbol for mixer, _ in options[index].mixers]
+            symbols.append("[" + "".join(inner) + "]")
+        else:
+            symbols.append(get_block(name).symbol)
+    return "".join(symbols)
 
 
 def _check_period(period: int | None, offset: int, name: str) -> None:

@@ -1,10 +1,19 @@
 """Blocks a hybrid model is built from, registered by name and pattern symbol.
 
 Importing this package registers the built-ins: ``mamba2`` (M), ``mamba1`` (S),
-``attention`` (*), ``mlp`` (-), ``moe`` (E).
+``gated_deltanet`` (D), ``short_conv`` (C), ``attention`` (*), ``mlp`` (-), ``moe`` (E).
 """
 
-from layers import attention, gated_deltanet, mamba1, mamba2, mlp, moe  # noqa: F401  (registers the blocks)
+from layers import (  # noqa: F401  (registers the blocks)
+    attention,
+    gated_deltanet,
+    mamba1,
+    mamba2,
+    mlp,
+    moe,
+    parallel,
+    short_conv,
+)
 from layers.base import Block, BlockOutput
 from layers.registry import BlockSpec, get_block, register_block, registered_blocks
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.base import Block, CacheEntry, TokenContext, dtype_bytes
+from layers.norm import RMSNorm
 from layers.options import require, require_positive_int
 from layers.positions import alibi_mask, alibi_slopes
 from layers.registry import register_block
@@ -49,6 +50,11 @@ class AttentionOptions:
             None is full causal attention.
         qkv_bias: biases on the q, k, v projections.
         out_bias: bias on the output projection.
+        qk_norm: RMSNorm each query and key head (one weight of head_dim each for q and k)
+            before RoPE, as Qwen3, Qwen3-Next and OLMo 2 do.
+        qk_norm_eps: epsilon of those norms.
+        output_gate: multiply the attention output by sigmoid(gate_proj(x)), one gate per
+            channel of every head (Qwen3-Next's gated attention).
     """
 
     n_heads: int | None = None
@@ -62,6 +68,9 @@ class AttentionOptions:
     window: int | None = None
     qkv_bias: bool = False
     out_bias: bool = False
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    output_gate: bool = False
 
     def resolve(self, d_model: int, where: str) -> AttentionOptions:
         n_heads = self.n_heads if self.n_heads is not None else max(1, d_model // 64)
@@ -111,6 +120,14 @@ class AttentionOptions:
                 f"{where}.window",
                 f"must be a positive integer or null; got {self.window!r}",
             )
+        for name in ("qkv_bias", "out_bias", "qk_norm", "output_gate"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, bool), f"{where}.{name}", f"must be true or false; got {value!r}"
+            )
+        require(
+            self.qk_norm_eps > 0, f"{where}.qk_norm_eps", f"must be > 0; got {self.qk_norm_eps}"
+        )
         scaling = check_scaling(self.rope_scaling, f"{where}.rope_scaling")
         require(
             scaling is None or position == "rope",
@@ -416,6 +433,11 @@ class Attention(Block):
         self.k_proj = nn.Linear(d_model, kv_heads * head_dim, bias=options.qkv_bias)
         self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=options.qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, d_model, bias=options.out_bias)
+        if options.output_gate:
+            self.gate_proj = nn.Linear(d_model, heads * head_dim, bias=options.qkv_bias)
+        if options.qk_norm:
+            self.q_norm = RMSNorm(head_dim, options.qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, options.qk_norm_eps)
         self.rotary = (
             RotaryEmbedding(
                 head_dim,
@@ -453,6 +475,8 @@ class Attention(Block):
         q = self.q_proj(hidden).unflatten(-1, heads)
         k = self.k_proj(hidden).unflatten(-1, heads)
         v = self.v_proj(hidden).unflatten(-1, heads)
+        if opts.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             positions = (
                 context.positions
@@ -483,7 +507,10 @@ class Attention(Block):
             )
         else:
             out = causal_attention(q, k, v, window=opts.window, slopes=slopes)
-        return self.o_proj(out.transpose(1, 2).flatten(2))  # (b, h, l, d) -> (b, l, h * d)
+        out = out.transpose(1, 2).flatten(2)  # (b, h, l, d) -> (b, l, h * d)
+        if opts.output_gate:
+            out = out * torch.sigmoid(self.gate_proj(hidden))
+        return self.o_proj(out)
 
     def allocate_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device

@@ -63,6 +63,18 @@ class CacheEntry:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
 
+    def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Replace the tensor :meth:`tensors` names ``name`` (e.g. moved to another device)."""
+        setattr(self, name, tensor)
+
+    def plain_fields(self) -> dict[str, Any]:
+        """The entry's settings that are not tensors (e.g. ``KVCache.window``), by field name:
+        what a saved cache records to check it is read back into the same kind of entry."""
+        tensors = self.tensors()
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in tensors
+        }
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the entry's tensors."""

@@ -51,8 +51,10 @@ def register_block(
     """
     if not name.isidentifier():
         raise ValueError(f"block name {name!r} must be a Python identifier")
-    if len(symbol) != 1 or symbol in SEPARATORS:
-        raise ValueError(f"block symbol {symbol!r} must be one non-blank character other than '|'")
+    if len(symbol) != 1 or symbol in SEPARATORS or symbol in "[]":
+        raise ValueError(
+            f"block symbol {symbol!r} must be one non-blank character other than '|', '[', ']'"
+        )
     if role not in ("mixer", "feedforward"):
         raise ValueError(f"block role {role!r} must be 'mixer' or 'feedforward'")
 

@@ -75,6 +75,23 @@ class SSMCache(CacheEntry):
         return conv_dim * (d_conv - 1) * dtype_bytes(dtype) + state_size * 4
 
 
+@dataclass
+class ConvCache(CacheEntry):
+    """Inference state of a sublayer whose only memory is its short conv (LFM2's short conv).
+
+    Attributes:
+        conv_state: (batch, channels, d_conv - 1), the conv's last inputs, in the model's dtype.
+    """
+
+    conv_state: torch.Tensor
+
+    @classmethod
+    def zeros(
+        cls, batch_size: int, channels: int, d_conv: int, dtype: torch.dtype, device: torch.device
+    ) -> ConvCache:
+        return cls(torch.zeros(batch_size, channels, d_conv - 1, dtype=dtype, device=device))
+
+
 def depthwise_conv(channels: int, d_conv: int, bias: bool) -> nn.Conv1d:
     """The block's short conv, laid out as mamba_ssm's (and transformers') ``conv1d``.
 
@@ -87,10 +104,11 @@ def depthwise_conv(channels: int, d_conv: int, bias: bool) -> nn.Conv1d:
 def causal_conv_silu(
     x: torch.Tensor,
     conv: nn.Conv1d,
-    cache: SSMCache | None,
+    cache: SSMCache | ConvCache | None,
     valid: torch.Tensor | None,
     step: bool,
     seq_idx: torch.Tensor | None = None,
+    activation: str | None = "silu",
 ) -> torch.Tensor:
     """``silu(causal depthwise conv(x))``, continuing ``cache``'s conv window and updating it.
 
@@ -102,6 +120,7 @@ def causal_conv_silu(
         step: one token per row, with a cache and no padding: the window is updated in place
             (fixed addresses, as CUDA graphs need); otherwise it is replaced.
         seq_idx: (batch, seqlen) document of each token (packed rows, no cache), or None.
+        activation: "silu", or None for the conv alone (LFM2's short conv).
 
     Returns:
         (batch, seqlen, channels), zero at padding positions.
@@ -110,13 +129,15 @@ def causal_conv_silu(
         x = x * valid  # padding never enters the conv window
     weight = conv.weight[:, 0]  # (d, w)
     if step:
-        out = causal_conv1d_update(x[:, 0], cache.conv_state, weight, conv.bias, activation="silu")
+        out = causal_conv1d_update(
+            x[:, 0], cache.conv_state, weight, conv.bias, activation=activation
+        )
         return out[:, None, :]
     out = causal_conv1d(
         x.transpose(1, 2),
         weight,
         conv.bias,
-        activation="silu",
+        activation=activation,
         initial_state=None if cache is None else cache.conv_state,
         return_final_state=cache is not None,
         seq_idx=seq_idx,

@@ -75,8 +75,12 @@ def with_precision(entry: CacheEntry | None, precision: CachePrecision) -> Cache
     values in ``kv_dtype``, SSM states in ``state_dtype``; other entries unchanged."""
     from layers.attention import KVCache
     from layers.kv_int8 import Int8KVCache
+    from layers.parallel import ParallelCache
     from layers.ssm_cache import SSMCache
 
+    if isinstance(entry, ParallelCache):
+        entry.parts = [with_precision(part, precision) for part in entry.parts]
+        return entry
     if isinstance(entry, KVCache) and precision.kv_dtype is not None:
         if precision.kv_dtype == "int8":
             return Int8KVCache.like(entry)

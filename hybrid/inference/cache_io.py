@@ -24,7 +24,6 @@ header are detected, flipped bits inside tensor data are not.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -156,10 +155,7 @@ def load_cache(
 
 def _plain_fields(entry: CacheEntry, index: int) -> dict[str, Any]:
     """The non-tensor dataclass fields of ``entry``, checked to survive JSON unchanged."""
-    tensors = entry.tensors()
-    fields = {
-        f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if f.name not in tensors
-    }
+    fields = entry.plain_fields()
     try:
         if json.loads(json.dumps(fields)) == fields:
             return fields
@@ -261,7 +257,7 @@ def _move_cache(cache: HybridCache, device: torch.device) -> None:
     for entry in cache.entries:
         if entry is not None:
             for name, tensor in entry.tensors().items():
-                setattr(entry, name, tensor.to(device))
+                entry.set_tensor(name, tensor.to(device))
     cache.real_lengths = cache.real_lengths.to(device)
 
 

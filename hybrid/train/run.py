@@ -536,7 +536,10 @@ def training_flops_per_token(config, seq_len: int) -> float:
         model = HybridLM(config)
     flops = 6 * (model.num_parameters(active=True, embeddings=False))
     flops += 6 * config.vocab_size * config.d_model
+    mixers = []
     for name, options in zip(config.layers, config.layer_options, strict=True):
+        mixers.extend(options.mixers if name == "parallel" else [(name, options)])
+    for name, options in mixers:
         if name == "attention":
             context = min(seq_len, options.window or seq_len)
             flops += 6 * options.n_heads * options.head_dim * context

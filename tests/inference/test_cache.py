@@ -52,7 +52,7 @@ def chunked_logits(model, ids, sizes, max_seqlen=None, attention_mask=None):
 @pytest.mark.parametrize(
     "pattern",
     [
-        "M", "S", "D", "*", ["*", WINDOWED], "-E", "M-S*-E", "D-M*-E",
+        "M", "S", "D", "C", "*", ["*", WINDOWED], "-E", "M-S*-E", "D-M*-E", "C-C*-", "[*M]-[SD]-",
         ["M", WINDOWED, "S", "*", "E", "M"], "S-SES-SE*-SES-SE",
     ],
 )  # fmt: skip
@@ -74,7 +74,8 @@ def test_random_patterns_and_splits():
     rng = random.Random(7)
     for trial in range(12):
         symbols = [
-            rng.choice(["M", "S", "D", "*", "-", "E", WINDOWED]) for _ in range(rng.randint(1, 5))
+            rng.choice(["M", "S", "D", "C", "*", "-", "E", WINDOWED])
+            for _ in range(rng.randint(1, 5))
         ]
         torch.manual_seed(trial)
         model = HybridLM(HybridConfig(symbols, **BASE)).eval()
@@ -97,7 +98,8 @@ def left_pad(sequences, pad_id=0):
 
 
 @pytest.mark.parametrize(
-    "pattern", ["M", "S", "D", "*", ["*", WINDOWED], "M-S*-E", ["S", WINDOWED, "M", "D"]]
+    "pattern",
+    ["M", "S", "D", "C", "*", ["*", WINDOWED], "M-S*-E", ["S", WINDOWED, "M", "D", "C"], "[*M]-"],
 )
 def test_left_padded_batch_equals_each_sequence_alone(pattern):
     torch.manual_seed(1)
@@ -169,7 +171,7 @@ def test_capacity_is_checked_before_any_work():
 
 
 def test_cache_bytes_match_hybrid_info_and_windows_are_bounded():
-    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E", "D"], **BASE)
+    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E", "D", "C"], **BASE)
     model = HybridLM(config)
     for context in (3, 100):
         cache = model.allocate_cache(1, context, dtype=torch.bfloat16)
@@ -227,7 +229,9 @@ def test_a_single_left_padded_row_equals_no_padding():
     assert out[0, ids.shape[1] :].tolist() == model.generate(torch.tensor([seq]), 5)[0, 6:].tolist()
 
 
-@pytest.mark.parametrize("pattern", ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"], "D-*-"])
+@pytest.mark.parametrize(
+    "pattern", ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"], "D-*-", "C-*-", "[*M]-"]
+)
 def test_static_decode_step_equals_the_dynamic_path(pattern):
     torch.manual_seed(7)
     model = HybridLM(HybridConfig(pattern, **BASE)).eval()

@@ -162,7 +162,7 @@ def build(pattern: str, position: str = "rope", seed: int = 0, window: int | Non
 
 
 def random_pattern(rng: random.Random) -> str:
-    mixers, feedforwards = "MSD*", "-E"
+    mixers, feedforwards = "MSDC*", "-E"
     return "".join(rng.choice(mixers) + rng.choice(feedforwards) for _ in range(rng.randint(1, 3)))
 
 
@@ -172,6 +172,8 @@ CASES = [
     ("*-*-", "sinusoidal", None),
     ("M-S-*-", "none", None),
     ("D-*-D-", "rope", None),
+    ("C-*-C-", "rope", None),
+    ("[*M]-[DC]-", "rope", None),
     ("*-M-", "rope", 6),  # sliding window
 ] + [(random_pattern(random.Random(seed)), "rope", None) for seed in range(4)]
 

@@ -517,3 +517,64 @@ def test_qwen3_next_in_proj_round_trip():
     qkvz, ba = gated_deltanet_in_proj_to_hf(ours.in_proj.weight, ours.options)
     assert torch.equal(qkvz, theirs.in_proj_qkvz.weight)
     assert torch.equal(ba, theirs.in_proj_ba.weight)
+
+
+# ----------------------------------------------------------------------------------------- LFM2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("d_conv", [3, 4])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_lfm2_short_conv(length, d_conv, bias):
+    from transformers import Lfm2Config
+    from transformers.models.lfm2 import modeling_lfm2
+
+    config = Lfm2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, layer_types=["conv"],
+        conv_L_cache=d_conv, conv_bias=bias,
+    )  # fmt: skip
+    theirs = modeling_lfm2.Lfm2ShortConv(config, layer_idx=0).eval()
+    randomize(theirs, seed=23)
+    ours = our_block("short_conv", 32, d_conv=d_conv, bias=bias)
+    names = ["in_proj", "out_proj", "conv"]
+    load(ours, theirs, proj_mapping(names, bias=bias))
+    x = inputs(32, length)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_qwen3_next_gated_attention(length, implementation):
+    """Qwen3-Next's full attention: per-head q / k RMSNorm (zero-centred: weight 1 + w), an
+    output gate interleaved with the queries in q_proj, a quarter of each head rotating."""
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    config = Qwen3NextConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=1, layer_types=["full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 3000.0,
+                         "partial_rotary_factor": 0.25},
+    )  # fmt: skip
+    theirs = modeling_qwen3_next.Qwen3NextAttention(config, layer_idx=0).eval()
+    randomize(theirs, seed=24)
+    ours = our_block(
+        "attention", 64, n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=3000.0,
+        rope_fraction=0.25, qk_norm=True, qk_norm_eps=1e-6, output_gate=True,
+    )  # fmt: skip
+    weights = dict(theirs.named_parameters())
+    query, gate = weights["q_proj.weight"].view(4, 2, 16, 64).unbind(1)
+    ours.load_state_dict({
+        "q_proj.weight": query.reshape(64, 64), "gate_proj.weight": gate.reshape(64, 64),
+        "k_proj.weight": weights["k_proj.weight"], "v_proj.weight": weights["v_proj.weight"],
+        "o_proj.weight": weights["o_proj.weight"],
+        "q_norm.weight": 1 + weights["q_norm.weight"],
+        "k_norm.weight": 1 + weights["k_norm.weight"],
+    })  # fmt: skip
+    x = inputs(64, length)
+    rotary = modeling_qwen3_next.Qwen3NextRotaryEmbedding(config)
+    kwargs = attention_kwargs(config, implementation, length)
+    with torch.no_grad():
+        expected, _ = theirs(x, position_embeddings=rope_embeddings(rotary, x), **kwargs)
+        torch.testing.assert_close(ours(x), expected, **TOL)

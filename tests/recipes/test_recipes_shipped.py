@@ -23,6 +23,8 @@ SAME_BUDGET = [
     "mamba2_hybrid_like",
     "samba_like",
     "nemotron_h_like",
+    "qwen3_next_like",
+    "lfm2_like",
 ]
 RECIPE_PATHS = sorted(path for path in RECIPES.glob("*.yaml") if path != SWEEP)
 
@@ -69,7 +71,7 @@ def mixers_and_feedforwards(layers: list[str]) -> tuple[list[str], list[str]]:
     """Split a (mixer, feed-forward) * n stack into its two halves."""
     assert len(layers) % 2 == 0
     mixers, feedforwards = layers[0::2], layers[1::2]
-    assert set(mixers) <= {"attention", "mamba1", "mamba2"}, layers
+    assert set(mixers) <= {"attention", "mamba1", "mamba2", "gated_deltanet", "short_conv"}, layers
     assert set(feedforwards) <= {"mlp", "moe"}, layers
     return mixers, feedforwards
 
@@ -139,7 +141,30 @@ def test_nemotron_h_like_uses_mamba2_attention_relu2_mlp_and_moe():
     assert 0 < mixers.count("attention") * 4 <= len(mixers)
 
 
-# One budget for the six same-budget recipes.
+def test_qwen3_next_like_is_gated_deltanet_three_to_one_with_gated_attention_and_moe():
+    built = config("qwen3_next_like")
+    mixers, feedforwards = mixers_and_feedforwards(built.layers)
+    assert mixers == ["gated_deltanet"] * 3 + ["attention"] + ["gated_deltanet"] * 3 + ["attention"]
+    assert set(feedforwards) == {"moe"}
+    for name, options in zip(built.layers, built.layer_options, strict=True):
+        if name == "attention":
+            assert options.qk_norm and options.output_gate and options.rope_fraction == 0.25
+        elif name == "gated_deltanet":
+            assert options.n_v_heads == 2 * options.n_heads
+        elif name == "moe":
+            assert options.n_shared_experts == 1
+
+
+def test_lfm2_like_is_mostly_short_convolutions():
+    built = config("lfm2_like")
+    mixers, feedforwards = mixers_and_feedforwards(built.layers)
+    assert set(feedforwards) == {"mlp"}
+    assert mixers.count("short_conv") > 1.5 * mixers.count("attention") > 0
+    assert all(o.qk_norm for n, o in zip(built.layers, built.layer_options, strict=True)
+               if n == "attention")  # fmt: skip
+
+
+# One budget for the same-budget recipes.
 
 
 def shared_sections(name: str) -> dict:
