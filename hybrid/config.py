@@ -13,13 +13,36 @@ from typing import Any
 import layers  # noqa: F401  (registers the built-in blocks)
 from hybrid.pattern import Pattern, parse_pattern, pattern_string
 from layers.attention import AttentionOptions
-from layers.options import build_options, merge_options, require, require_positive_int
+from layers.options import (
+    build_options,
+    merge_options,
+    require,
+    require_finite_number,
+    require_positive_int,
+)
 from layers.parallel import resolve_mixers
 from layers.registry import get_block
 
 BUILTIN_FAMILIES = (
     "attention", "mamba2", "mamba1", "gated_deltanet", "short_conv", "mlp", "moe",
 )  # fmt: skip
+
+
+def changed_fields(options: Any) -> dict[str, Any]:
+    """The fields of an options dataclass that differ from their defaults (a ``parallel``
+    block's mixers as ``[name, their changed fields]``)."""
+    changed = {}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name == "mixers" and isinstance(value, list):
+            value = [[name, changed_fields(o)] for name, o in value]
+        elif f.default_factory is not dataclasses.MISSING:
+            if value == f.default_factory():
+                continue
+        elif f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        changed[f.name] = value
+    return changed
 
 
 @dataclass
@@ -40,6 +63,11 @@ class HybridConfig:
         tie_embeddings: share the embedding matrix with the LM head.
         init_std: std of the normal init of projections and embeddings; projections that write
             into the residual stream get ``init_std / sqrt(n_sublayers)``.
+        embedding_multiplier: the token embeddings are multiplied by it (Granite, Falcon-H1).
+        residual_multiplier: every sublayer's output is multiplied by it before it is added
+            to the residual stream (Granite).
+        logit_multiplier: the logits are multiplied by it (Falcon-H1's lm_head_multiplier;
+            Granite divides by its logits_scaling).
         modules: modules imported before the pattern is resolved, so that blocks they register
             can be named (e.g. ``["my_lab.blocks"]``).
 
@@ -65,6 +93,9 @@ class HybridConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logit_multiplier: float = 1.0
     modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -77,6 +108,8 @@ class HybridConfig:
         require_positive_int(self.d_model, "d_model")
         require(self.norm_eps > 0, "norm_eps", f"must be > 0; got {self.norm_eps}")
         require(self.init_std > 0, "init_std", f"must be > 0; got {self.init_std}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logit_multiplier"):
+            setattr(self, name, require_finite_number(getattr(self, name), name))
 
         for family in BUILTIN_FAMILIES:
             spec = get_block(family)
@@ -178,10 +211,13 @@ class HybridConfig:
         return cls(**data)
 
     def fingerprint(self) -> str:
-        """Short hash of everything that shapes the weights and the inference state."""
+        """Short hash of everything that shapes the weights and the inference state.
+
+        Option fields at their default are left out, so a release that adds an option (off
+        by default) keeps every existing model's fingerprint."""
         resolved = {
             "layers": self.layers,
-            "options": [dataclasses.asdict(o) for o in self.layer_options],
+            "options": [changed_fields(o) for o in self.layer_options],
             "vocab_size": self.vocab_size,
             "d_model": self.d_model,
             "tie_embeddings": self.tie_embeddings,

@@ -38,12 +38,13 @@ class HybridOutput:
 
 
 class Sublayer(nn.Module):
-    """Pre-norm residual wrapper: ``x + block(norm(x))``."""
+    """Pre-norm residual wrapper: ``x + multiplier * block(norm(x))``."""
 
-    def __init__(self, block: Block, d_model: int, eps: float) -> None:
+    def __init__(self, block: Block, d_model: int, eps: float, multiplier: float = 1.0) -> None:
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
         self.block = block
+        self.multiplier = multiplier
         # Per-token blocks (and simple user blocks) take ``hidden`` alone.
         self.takes_context = "context" in inspect.signature(block.forward).parameters
 
@@ -58,9 +59,12 @@ class Sublayer(nn.Module):
             out = self.block(normed, cache=cache, context=context)
         else:
             out = self.block(normed)
-        if isinstance(out, BlockOutput):
-            return hidden + out.hidden, out
-        return hidden + out, None
+        extra = out if isinstance(out, BlockOutput) else None
+        if extra is not None:
+            out = out.hidden
+        if self.multiplier != 1:
+            out = out * self.multiplier
+        return hidden + out, extra
 
 
 _COMPILE_NOTE = (
@@ -105,6 +109,7 @@ class HybridLM(GenerationMixin, nn.Module):
                 get_block(name).block_class(config.d_model, options, index),
                 config.d_model,
                 config.norm_eps,
+                config.residual_multiplier,
             )
             for index, (name, options) in enumerate(
                 zip(config.layers, config.layer_options, strict=True)
@@ -287,13 +292,20 @@ class HybridLM(GenerationMixin, nn.Module):
                     router_stats[index] = extra.stats
         if cache is not None:
             cache.advance(input_ids.shape[1], None if context is None else context.valid)
+        return HybridOutput(self.logits(hidden), aux_loss, router_stats)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm, LM head and logit multiplier: (..., d_model) -> (..., vocab_size)."""
         logits = self.lm_head(self.final_norm(hidden))
-        return HybridOutput(logits, aux_loss, router_stats)
+        multiplier = self.config.logit_multiplier
+        return logits if multiplier == 1 else logits * multiplier
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (batch, n, d_model) of ``input_ids`` (batch, n), plus the
         sinusoidal encoding of ``positions`` (batch, n; None: 0..n-1) when the model uses it."""
         hidden = self.embedding(input_ids)
+        if self.config.embedding_multiplier != 1:
+            hidden = hidden * self.config.embedding_multiplier
         if not self.sinusoidal:
             return hidden
         if positions is None:
@@ -324,7 +336,7 @@ class HybridLM(GenerationMixin, nn.Module):
         hidden = self.embed(tokens, positions)
         for sublayer, entry in zip(self.sublayers, cache.entries, strict=True):
             hidden, _ = sublayer(hidden, entry, context)
-        return self.lm_head(self.final_norm(hidden))[:, -1]
+        return self.logits(hidden[:, -1:])[:, -1]
 
     def compiled_decode_step(self, mode: str | None = None):
         """:meth:`decode_step` compiled with ``torch.compile`` (once per model and mode).

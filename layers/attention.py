@@ -4,6 +4,7 @@ sliding window."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from layers.base import Block, CacheEntry, TokenContext, dtype_bytes
 from layers.norm import RMSNorm
-from layers.options import require, require_positive_int
+from layers.options import require, require_finite_number, require_positive_int
 from layers.positions import alibi_mask, alibi_slopes
 from layers.registry import register_block
 from layers.rope import RotaryEmbedding
@@ -55,6 +56,8 @@ class AttentionOptions:
         qk_norm_eps: epsilon of those norms.
         output_gate: multiply the attention output by sigmoid(gate_proj(x)), one gate per
             channel of every head (Qwen3-Next's gated attention).
+        softmax_scale: the factor of q.k before the softmax; None: 1 / sqrt(head_dim)
+            (Granite's attention_multiplier sets it).
     """
 
     n_heads: int | None = None
@@ -71,6 +74,7 @@ class AttentionOptions:
     qk_norm: bool = False
     qk_norm_eps: float = 1e-6
     output_gate: bool = False
+    softmax_scale: float | None = None
 
     def resolve(self, d_model: int, where: str) -> AttentionOptions:
         n_heads = self.n_heads if self.n_heads is not None else max(1, d_model // 64)
@@ -128,6 +132,9 @@ class AttentionOptions:
         require(
             self.qk_norm_eps > 0, f"{where}.qk_norm_eps", f"must be > 0; got {self.qk_norm_eps}"
         )
+        if self.softmax_scale is not None:
+            scale = require_finite_number(self.softmax_scale, f"{where}.softmax_scale")
+            require(scale > 0, f"{where}.softmax_scale", f"must be > 0 or null; got {scale}")
         scaling = check_scaling(self.rope_scaling, f"{where}.rope_scaling")
         require(
             scaling is None or position == "rope",
@@ -485,6 +492,8 @@ class Attention(Block):
             )
             cos, sin = self.rotary.cos_sin(positions, q.dtype)
             q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        if opts.softmax_scale is not None:  # the kernels' default 1/sqrt(d) times this factor
+            q = q * (opts.softmax_scale * math.sqrt(opts.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         slopes = self.alibi_slopes(q.device, q.dtype)
         if cache is not None and context.static_start is not None:

@@ -1,4 +1,5 @@
-"""Mamba-1 block: selective scan with per-channel diagonal A, optional Jamba inner norms."""
+"""Mamba-1 block: selective scan with per-channel diagonal A, optional inner norms on dt, B
+and C (Jamba's with weights, FalconMamba's without)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Mamba1Options:
         d_conv: causal conv width.
         conv_bias / bias: biases of the conv and of the in/out projections.
         inner_norms: RMSNorm on dt, B and C before the scan (Jamba).
+        inner_norm_weights: the inner norms have learned weights (Jamba); False: they only
+            normalise (FalconMamba's weight-free RMSNorms, no tensors).
         dt_min / dt_max / dt_init_floor / dt_scale: time-step initialisation.
         norm_eps: epsilon of the inner norms.
     """
@@ -41,6 +44,7 @@ class Mamba1Options:
     conv_bias: bool = True
     bias: bool = False
     inner_norms: bool = False
+    inner_norm_weights: bool = True
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
@@ -89,7 +93,7 @@ class Mamba1(Block):
         self.A_log = nn.Parameter(A.log())
         self.D = nn.Parameter(torch.ones(self.d_inner))
         mark_no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
-        if options.inner_norms:
+        if options.inner_norms and options.inner_norm_weights:
             self.dt_norm = RMSNorm(dt_rank, options.norm_eps)
             self.b_norm = RMSNorm(d_state, options.norm_eps)
             self.c_norm = RMSNorm(d_state, options.norm_eps)
@@ -140,13 +144,18 @@ class Mamba1(Block):
 
     def inner_norms(self, dt_b_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split ``x_proj``'s output (..., dt_rank + 2 * d_state) into dt, B, C and, with
-        ``inner_norms`` (Jamba), RMS-normalise each. When dt_rank == d_state the three norms
+        ``inner_norms``, RMS-normalise each (scaled by learned weights, as Jamba, unless
+        ``inner_norm_weights`` is off, as FalconMamba). When dt_rank == d_state the three norms
         run as one call over a (..., 3, d_state) view (the same arithmetic; a decode step
         saves a dozen small operations per sublayer)."""
         opts = self.options
         sizes = [opts.dt_rank, opts.d_state, opts.d_state]
         if not opts.inner_norms:
             return tuple(dt_b_c.split_with_sizes(sizes, -1))
+        if not opts.inner_norm_weights:
+            parts = upcast(dt_b_c).split_with_sizes(sizes, -1)
+            normed = [F.rms_norm(part, part.shape[-1:], eps=opts.norm_eps) for part in parts]
+            return tuple(part.to(dt_b_c.dtype) for part in normed)
         norms = (self.dt_norm, self.b_norm, self.c_norm)
         if opts.dt_rank != opts.d_state or len({norm.eps for norm in norms}) > 1:
             parts = dt_b_c.split_with_sizes(sizes, -1)

@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from layers.base import Block, TokenContext
-from layers.norm import GatedRMSNorm
+from layers.norm import GatedRMSNorm, SiluGate
 from layers.ops import effective_dt, ssd_scan, ssd_update
 from layers.options import require, require_positive_int
 from layers.registry import register_block
@@ -35,6 +35,9 @@ class Mamba2Options:
         dt_limit: clamp on the time step after softplus.
         a_init_range: A initialised uniformly in this range (A = -exp(A_log)).
         norm_eps: epsilon of the gated RMSNorm.
+        rmsnorm: close the block with the gated RMSNorm; False: ``y * silu(z)`` alone (as
+            mamba_ssm's ``rmsnorm`` option; Falcon-H1's ``mamba_rms_norm``).
+        norm_before_gate: ``rmsnorm(y) * silu(z)`` instead of ``rmsnorm(y * silu(z))``.
     """
 
     d_state: int = 128
@@ -52,6 +55,8 @@ class Mamba2Options:
     dt_limit: tuple[float, float] = (0.0, math.inf)
     a_init_range: tuple[float, float] = (1.0, 16.0)
     norm_eps: float = 1e-5
+    rmsnorm: bool = True
+    norm_before_gate: bool = False
 
     def d_inner(self, d_model: int) -> int:
         return self.n_heads * self.headdim if self.n_heads else self.expand * d_model
@@ -68,6 +73,11 @@ class Mamba2Options:
             f"must divide the inner width expand*d_model={d_inner}; got {self.headdim}",
         )
         nheads = d_inner // self.headdim
+        for name in ("rmsnorm", "norm_before_gate", "conv_bias", "bias"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, bool), f"{where}.{name}", f"must be true or false; got {value!r}"
+            )
         require(
             nheads % self.ngroups == 0,
             f"{where}.ngroups",
@@ -113,7 +123,11 @@ class Mamba2(Block):
         self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(a_low, a_high).log())
         self.D = nn.Parameter(torch.ones(self.nheads))
         mark_no_weight_decay(self.dt_bias, self.A_log, self.D)
-        self.norm = GatedRMSNorm(self.d_inner, options.ngroups, options.norm_eps)
+        self.norm = (
+            GatedRMSNorm(self.d_inner, options.ngroups, options.norm_eps, options.norm_before_gate)
+            if options.rmsnorm
+            else SiluGate()
+        )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=options.bias)
 
     def forward(

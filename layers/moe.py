@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ class MoEOptions:
         n_shared_experts: experts every token passes through (0 for none).
         shared_hidden_size: inner width of the shared expert; None gives
             ``n_shared_experts * expert_hidden_size``.
+        shared_gate: scale the shared expert's output of each token by
+            ``sigmoid(shared_gate(x))``, a ``Linear(d_model, 1)`` (Qwen2-MoE, Qwen3-Next);
+            needs a shared expert.
         router: "softmax" (Mixtral / Jamba) or "sigmoid" (DeepSeek-V3 / Nemotron-H).
         normalize_top_k: renormalise the selected weights to sum to 1.
         routed_scaling: factor on the routed output (sigmoid routers use > 1).
@@ -46,6 +50,7 @@ class MoEOptions:
     activation: str = "swiglu"
     n_shared_experts: int = 0
     shared_hidden_size: int | None = None
+    shared_gate: bool = False
     router: str = "softmax"
     normalize_top_k: bool = True
     routed_scaling: float = 1.0
@@ -71,6 +76,16 @@ class MoEOptions:
             f"{where}.n_shared_experts",
             f"must be an integer >= 0; got {self.n_shared_experts!r}",
         )
+        require(
+            isinstance(self.shared_gate, bool),
+            f"{where}.shared_gate",
+            f"must be true or false; got {self.shared_gate!r}",
+        )
+        require(
+            not self.shared_gate or self.n_shared_experts > 0,
+            f"{where}.shared_gate",
+            "gates the shared expert; it needs n_shared_experts >= 1",
+        )
         require_positive_int(self.n_groups, f"{where}.n_groups")
         require(
             self.n_experts % self.n_groups == 0,
@@ -90,11 +105,7 @@ class MoEOptions:
         hidden = self.expert_hidden_size or default_hidden_size(d_model, self.activation)
         require_positive_int(hidden, f"{where}.expert_hidden_size")
         shared = self.shared_hidden_size or self.n_shared_experts * hidden
-        return MoEOptions(
-            self.n_experts, self.top_k, hidden, self.activation, self.n_shared_experts, shared,
-            self.router, self.normalize_top_k, self.routed_scaling, self.score_correction_bias,
-            self.n_groups, self.topk_groups, self.aux_loss_weight, self.z_loss_weight, self.bias,
-        )  # fmt: skip
+        return dataclasses.replace(self, expert_hidden_size=hidden, shared_hidden_size=shared)
 
 
 class Experts(nn.Module):
@@ -183,6 +194,7 @@ class MoE(Block):
             if options.n_shared_experts
             else None
         )
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if options.shared_gate else None
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose experts for ``tokens`` (n, d_model).
@@ -237,7 +249,7 @@ class MoE(Block):
         combined = torch.zeros_like(tokens, dtype=expert_out.dtype)
         combined.index_add_(0, token_of_slot, expert_out)
         if self.shared is not None:
-            combined = combined + self.shared(tokens)
+            combined = combined + self.shared_output(tokens)
         if context is not None and context.decoding:
             return combined.view_as(hidden)  # no losses nor statistics at inference
 
@@ -253,6 +265,14 @@ class MoE(Block):
         }
         return BlockOutput(combined.view_as(hidden), aux, stats)
 
+    def shared_output(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The shared expert on ``tokens`` (n, d_model) -> (n, d_model), each row scaled by
+        its sigmoid gate when ``shared_gate`` is set."""
+        out = self.shared(tokens)
+        if self.shared_gate is not None:
+            out = out * torch.sigmoid(self.shared_gate(tokens))
+        return out
+
     def _per_token(
         self, tokens: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
@@ -267,7 +287,7 @@ class MoE(Block):
                 for slot, expert in enumerate(chosen)
             )
             if self.shared is not None:
-                out = out + self.shared(token)
+                out = out + self.shared_output(token)
             rows.append(out)
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
@@ -298,7 +318,7 @@ class MoE(Block):
             out = out + experts.down_bias
         combined = torch.einsum("te,ted->td", dense.to(out.dtype), out)
         if self.shared is not None:
-            combined = combined + self.shared(tokens)
+            combined = combined + self.shared_output(tokens)
         return combined.view_as(hidden)
 
     def active_parameters(self) -> int:

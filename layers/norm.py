@@ -45,19 +45,26 @@ class GatedRMSNorm(nn.Module):
     """``rmsnorm(x * silu(gate))`` normalised within ``n_groups`` equal groups of channels.
 
     This is Mamba-2's output norm (norm_before_gate=False) with mamba_ssm's and transformers'
-    group size ``dim // n_groups``. Shapes: x, gate (..., dim) -> (..., dim).
+    group size ``dim // n_groups``; ``norm_before_gate=True`` gives ``rmsnorm(x) *
+    silu(gate)`` (Falcon-H1's option). Shapes: x, gate (..., dim) -> (..., dim).
     """
 
-    def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-5) -> None:
+    def __init__(
+        self, dim: int, n_groups: int = 1, eps: float = 1e-5, norm_before_gate: bool = False
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.n_groups = n_groups
+        self.norm_before_gate = norm_before_gate
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         x, gate, weight = upcast(hidden), upcast(gate), upcast(self.weight)
         grouped = (*x.shape[:-1], self.n_groups, x.shape[-1] // self.n_groups)
-        if x.numel() <= SMALL or needs_autograd(x, gate, weight):
+        if self.norm_before_gate:
+            normed = F.rms_norm(x.reshape(grouped), (grouped[-1],), eps=self.eps)
+            normed = normed.reshape(x.shape) * weight * F.silu(gate)
+        elif x.numel() <= SMALL or needs_autograd(x, gate, weight):
             gated = (x * F.silu(gate)).reshape(grouped)
             normed = F.rms_norm(gated, (grouped[-1],), eps=self.eps).reshape(x.shape) * weight
         else:  # in place on the one new tensor: four passes instead of six, one allocation
@@ -65,6 +72,14 @@ class GatedRMSNorm(nn.Module):
             scale = _inverse_rms(gated, self.eps)
             normed = gated.mul_(weight.view(grouped[-2:])).mul_(scale)
         return normed.reshape(x.shape).to(hidden.dtype)
+
+
+class SiluGate(nn.Module):
+    """``x * silu(gate)`` with no norm (a Mamba-2 block with ``rmsnorm: false``, as
+    mamba_ssm's option and Falcon-H1's default). Shapes: x, gate (..., dim) -> (..., dim)."""
+
+    def forward(self, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return (upcast(hidden) * F.silu(upcast(gate))).to(hidden.dtype)
 
 
 def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any
 
 
@@ -46,6 +47,14 @@ def require_positive_int(value: Any, where: str) -> None:
     """Fail unless ``value`` is an int > 0 (bools rejected)."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
     require(ok, where, f"must be a positive integer, got {value!r}")
+
+
+def require_finite_number(value: Any, where: str) -> float:
+    """``value`` as a float; fails unless it is a finite real number (bools and strings
+    rejected)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    require(ok, where, f"must be a finite number, got {value!r}")
+    return float(value)
 
 
 def require_choice(value: Any, choices: tuple[str, ...], where: str) -> None:

@@ -41,6 +41,40 @@ def test_model_is_a_pre_norm_residual_composition():
     torch.testing.assert_close(model(ids).logits, final @ model.lm_head.weight.T)
 
 
+def test_multipliers_scale_embeddings_residual_writes_and_logits():
+    """embedding / residual / logit multipliers (Granite, Falcon-H1) in the same composition."""
+    torch.manual_seed(0)
+    config = HybridConfig(
+        "M*-", **SMALL, embedding_multiplier=3.0, residual_multiplier=0.25, logit_multiplier=0.5
+    )
+    model = HybridLM(config).double()
+    ids = torch.randint(0, 50, (2, 9))
+    hidden = model.embedding.weight[ids] * 3.0
+    for sublayer in model.sublayers:
+        normed = (
+            hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-5) * sublayer.norm.weight
+        )
+        hidden = hidden + 0.25 * sublayer.block(normed)
+    final = (
+        hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-5) * model.final_norm.weight
+    )
+    expected = 0.5 * final @ model.lm_head.weight.T
+    torch.testing.assert_close(model(ids).logits, expected)
+    cache = model.allocate_cache(2, 9)  # the cached path: prefill then one-token steps
+    steps = [model(ids[:, :5], cache=cache).logits]
+    steps += [model(ids[:, i : i + 1], cache=cache).logits for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), expected)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("embedding_multiplier", "2"), ("logit_multiplier", float("nan")),
+                     ("residual_multiplier", True)],
+)  # fmt: skip
+def test_multipliers_must_be_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: must be a finite number"):
+        HybridConfig("M", **SMALL, **{field: value})
+
+
 def test_causality():
     torch.manual_seed(0)
     model = HybridLM(HybridConfig("M*S-E", **SMALL))

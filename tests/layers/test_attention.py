@@ -11,9 +11,10 @@ from layers.attention import Attention, causal_attention
 from layers.base import TokenContext
 
 
-def softmax_attention_reference(q, k, v, window=None, slopes=None):
+def softmax_attention_reference(q, k, v, window=None, slopes=None, scale=None):
     """q (b, h, lq, d), k/v (b, hkv, lk, d); queries are the last lq positions; ``slopes``
-    (a list per query head): ALiBi's ``- slope * (query position - key position)``."""
+    (a list per query head): ALiBi's ``- slope * (query position - key position)``;
+    ``scale``: the factor of q.k (None: 1 / sqrt(d))."""
     batch, heads, lq, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     out = torch.zeros_like(q)
@@ -25,7 +26,8 @@ def softmax_attention_reference(q, k, v, window=None, slopes=None):
                 scores = []
                 for j in range(lk):
                     visible = j <= pos and (window is None or j > pos - window)
-                    score = (q[b, h, i] @ k[b, kv, j]).item() / math.sqrt(dim)
+                    factor = 1 / math.sqrt(dim) if scale is None else scale
+                    score = (q[b, h, i] @ k[b, kv, j]).item() * factor
                     if slopes is not None:
                         score -= slopes[h] * (pos - j)
                     scores.append(score if visible else -math.inf)
@@ -83,7 +85,12 @@ def attention_block_reference(block, x):
     if opts.position == "alibi":  # the paper's slopes for 2, 4 or 8 heads: 2^(-8 h / n)
         slopes = [2.0 ** (-8 * (h + 1) / opts.n_heads) for h in range(opts.n_heads)]
     out = softmax_attention_reference(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), opts.window, slopes
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        opts.window,
+        slopes,
+        opts.softmax_scale,
     )
     return out.transpose(1, 2).reshape(b, length, -1) @ block.o_proj.weight.T
 
@@ -100,6 +107,8 @@ def attention_block_reference(block, x):
         {"n_heads": 4, "n_kv_heads": 2, "position": "alibi"},
         {"n_heads": 8, "n_kv_heads": 1, "position": "alibi", "window": 4, "head_dim": 4},
         {"n_heads": 2, "position": "alibi", "qkv_bias": True},
+        {"n_heads": 4, "n_kv_heads": 2, "softmax_scale": 0.9},  # Granite's attention_multiplier
+        {"n_heads": 4, "position": "alibi", "softmax_scale": 0.05},
     ],
 )
 def test_attention_block_matches_reference(options):

@@ -1,4 +1,5 @@
-"""MoE against a per-token loop over the chosen experts; aux losses against their formulas."""
+"""MoE against a per-token loop over the chosen experts (every forward path: grouped, per-token
+decode, dense static decode); aux losses against their formulas."""
 
 import math
 
@@ -52,7 +53,10 @@ def moe_reference(block, x):
         for e, w in zip(top, weights, strict=True):
             out[t] += w * opts.routed_scaling * expert_reference(block.experts, e, token)
         if block.shared is not None:
-            out[t] += block.shared(token[None])[0]
+            shared = block.shared(token[None])[0]
+            if block.shared_gate is not None:
+                shared = shared / (1 + torch.exp(-(block.shared_gate.weight[0] @ token)))
+            out[t] += shared
         chosen.append(top)
     return out.view_as(x), chosen
 
@@ -72,17 +76,31 @@ CASES = [
         "topk_groups": 2,
         "n_shared_experts": 2,
     },
-]
+    # Qwen3-Next's: softmax top-k, a shared expert of its own width behind a sigmoid gate
+    {"n_experts": 8, "top_k": 2, "n_shared_experts": 1, "shared_hidden_size": 20,
+     "shared_gate": True},
+    {"n_experts": 4, "top_k": 3, "normalize_top_k": False, "n_shared_experts": 1,
+     "shared_gate": True},
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("options", CASES)
-def test_moe_matches_per_token_loop(options):
-    torch.manual_seed(0)
+def random_block(options: dict, seed: int) -> MoE:
+    """A float64 MoE block of ``options`` (experts 24 wide) with a unit-scale router, a random
+    correction bias and a shared-expert gate large enough to matter."""
+    torch.manual_seed(seed)
     config = HybridConfig("E", vocab_size=8, d_model=16, moe={**options, "expert_hidden_size": 24})
     block = MoE(16, config.layer_options[0], 0).double()
     torch.nn.init.normal_(block.router.weight)
     if block.score_bias is not None:
         block.score_bias.normal_()
+    if block.shared_gate is not None:
+        torch.nn.init.normal_(block.shared_gate.weight, std=0.5)
+    return block
+
+
+@pytest.mark.parametrize("options", CASES)
+def test_moe_matches_per_token_loop(options):
+    block = random_block(options, seed=0)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     out = block(x)
     expected, chosen = moe_reference(block, x)
@@ -152,15 +170,46 @@ def test_active_parameters_count_top_k_experts():
 
 
 @pytest.mark.parametrize("options", CASES)
+def test_decode_paths_match_per_token_loop(options):
+    """A decode step of at most top_k rows runs each token's experts directly; more rows run
+    the grouped path without statistics."""
+    from layers.base import TokenContext
+
+    block = random_block(options, seed=3)
+    for rows in (1, options["top_k"], options["top_k"] + 2):
+        x = torch.randn(rows, 1, 16, dtype=torch.float64)
+        decoding = TokenContext(start=5, positions=torch.zeros(rows, 1), decoding=True)
+        expected, _ = moe_reference(block, x)
+        torch.testing.assert_close(block(x, context=decoding), expected)
+
+
+def test_shared_gate_parameters_are_counted_active():
+    options = {"n_experts": 8, "top_k": 2, "expert_hidden_size": 32, "n_shared_experts": 1}
+    config = HybridConfig("E", vocab_size=8, d_model=16, moe={**options, "shared_gate": True})
+    block = MoE(16, config.layer_options[0], 0)
+    assert block.shared_gate.weight.shape == (1, 16)
+    ungated = MoE(16, HybridConfig("E", d_model=16, moe=options).layer_options[0], 0)
+    assert ungated.shared_gate is None
+    assert block.active_parameters() == ungated.active_parameters() + 16
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"shared_gate": True}, "needs n_shared_experts >= 1"),
+        ({"n_shared_experts": 1, "shared_gate": 1}, "must be true or false"),
+    ],
+)
+def test_shared_gate_is_validated(options, message):
+    with pytest.raises(ValueError, match=f"moe.shared_gate: .*{message}"):
+        HybridConfig("E", d_model=16, moe=options)
+
+
+@pytest.mark.parametrize("options", CASES)
 def test_dense_decode_path_equals_grouped_path(options):
     from layers.base import TokenContext
 
-    torch.manual_seed(1)
-    config = HybridConfig("E", vocab_size=8, d_model=16, moe={**options, "expert_hidden_size": 24})
-    block = MoE(16, config.layer_options[0], 0).double()
-    torch.nn.init.normal_(block.router.weight)
-    if block.score_bias is not None:
-        block.score_bias.normal_()
+    block = random_block(options, seed=1)
     x = torch.randn(3, 1, 16, dtype=torch.float64)
     static = TokenContext(start=5, positions=torch.zeros(3, 1), static_start=torch.tensor(5))
     torch.testing.assert_close(block(x, context=static), block(x).hidden)

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from layers.norm import GatedRMSNorm, RMSNorm
+from layers.norm import GatedRMSNorm, RMSNorm, SiluGate
 
 
 def rms_reference(x, weight, eps):
@@ -40,6 +40,25 @@ def test_gated_rms_norm_matches_formula(n_groups, mode):
     expected = rms_reference(gated, weight, 1e-5).view(2, 7, 12)
     torch.testing.assert_close(out, expected)
     assert torch.equal(x, inputs[0]) and torch.equal(gate, inputs[1]), "inputs are left alone"
+
+
+@pytest.mark.parametrize("n_groups", [1, 3])
+def test_gated_rms_norm_before_gate_matches_formula(n_groups):
+    """``norm_before_gate``: rmsnorm(x) * weight * silu(gate) per group (Falcon-H1's option)."""
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(12, n_groups=n_groups, eps=1e-5, norm_before_gate=True).double()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    gate = torch.randn(2, 7, 12, dtype=torch.float64)
+    grouped = x.view(2, 7, n_groups, 12 // n_groups)
+    weight = norm.weight.detach().view(n_groups, 12 // n_groups)
+    expected = rms_reference(grouped, weight, 1e-5).view(2, 7, 12) * gate * torch.sigmoid(gate)
+    torch.testing.assert_close(norm(x, gate), expected)
+
+
+def test_silu_gate_is_the_gate_alone():
+    x, gate = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(SiluGate()(x, gate), x * gate / (1 + torch.exp(-gate)))
 
 
 def test_norms_keep_low_precision_dtype():

@@ -52,22 +52,28 @@ def mamba2_reference(block, u):
                 state[h] = torch.exp(delta * A[h]) * state[h] + delta * torch.outer(x_h, B_g)
                 y_t[h * p : (h + 1) * p] = state[h] @ C_g + block.D[h] * x_h
             ys.append(y_t)
-        y = torch.stack(ys) * silu(z)
-        size = d_inner // g
-        normed = (
-            torch.cat(
-                [
-                    y[:, i * size : (i + 1) * size]
-                    / torch.sqrt(
-                        y[:, i * size : (i + 1) * size].pow(2).mean(-1, keepdim=True)
-                        + opts.norm_eps
-                    )
-                    for i in range(g)
-                ],
-                dim=-1,
+        y = torch.stack(ys)
+        if not opts.rmsnorm:  # the gate alone
+            normed = y * silu(z)
+        else:  # per group of d_inner / g channels, around the gate or before it
+            gated = y if opts.norm_before_gate else y * silu(z)
+            size = d_inner // g
+            normed = (
+                torch.cat(
+                    [
+                        gated[:, i * size : (i + 1) * size]
+                        / torch.sqrt(
+                            gated[:, i * size : (i + 1) * size].pow(2).mean(-1, keepdim=True)
+                            + opts.norm_eps
+                        )
+                        for i in range(g)
+                    ],
+                    dim=-1,
+                )
+                * block.norm.weight
             )
-            * block.norm.weight
-        )
+            if opts.norm_before_gate:
+                normed = normed * silu(z)
         out.append(normed @ block.out_proj.weight.T)
     return torch.stack(out)
 
@@ -136,6 +142,8 @@ def randomize(block):
             },
             7,
         ),
+        ({"d_state": 4, "headdim": 4, "ngroups": 2, "chunk_size": 8, "rmsnorm": False}, 11),
+        ({"d_state": 4, "headdim": 4, "ngroups": 2, "chunk_size": 8, "norm_before_gate": True}, 11),
     ],
 )
 def test_mamba2_block_matches_sequential_reference(options, length):

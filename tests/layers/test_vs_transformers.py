@@ -519,6 +519,36 @@ def test_qwen3_next_in_proj_round_trip():
     assert torch.equal(ba, theirs.in_proj_ba.weight)
 
 
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_qwen3_next_sparse_moe(length, norm_topk_prob):
+    """Softmax over all experts, top-2, and a shared SwiGLU expert of its own width scaled per
+    token by sigmoid(shared_expert_gate(x)): our moe.shared_gate."""
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    from tests.hf_models import qwen3_next_config
+
+    config = qwen3_next_config(norm_topk_prob=norm_topk_prob)
+    theirs = modeling_qwen3_next.Qwen3NextSparseMoeBlock(config).eval()
+    randomize(theirs, seed=25)
+    ours = our_block(
+        "moe", 32, n_experts=4, top_k=2, expert_hidden_size=24, n_shared_experts=1,
+        shared_hidden_size=40, shared_gate=True, normalize_top_k=norm_topk_prob,
+    )  # fmt: skip
+    gate_up = "experts.gate_up_proj"
+    load(ours, theirs, {
+        "router.weight": "gate.weight",
+        "experts.gate_proj": (gate_up, slice(None, 24)),
+        "experts.up_proj": (gate_up, slice(24, None)),
+        "experts.down_proj": "experts.down_proj",
+        "shared_gate.weight": "shared_expert_gate.weight",
+        **proj_mapping(["gate_proj", "up_proj", "down_proj"], "shared.", "shared_expert."),
+    })  # fmt: skip
+    x = inputs(32, length)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).hidden, theirs(x), **TOL)
+
+
 # ----------------------------------------------------------------------------------------- LFM2
 
 
