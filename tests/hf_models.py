@@ -14,9 +14,11 @@ import math
 import torch
 from transformers import (
     BambaConfig,
+    FalconMambaConfig,
     JambaConfig,
     LlamaConfig,
     Mamba2Config,
+    MambaConfig,
     NemotronHConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -38,6 +40,40 @@ def llama_config(**overrides) -> LlamaConfig:
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
     )
     return LlamaConfig(**{**values, **overrides})
+
+
+def mamba_config(**overrides) -> MambaConfig:
+    """Mamba-1: dt rank 6 (not "auto": 2), d_state 8, conv width 3, untied head."""
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        expand=2,
+        conv_kernel=3,
+        time_step_rank=6,
+        layer_norm_epsilon=1e-3,
+        tie_word_embeddings=False,
+    )
+    return MambaConfig(**{**values, **overrides})
+
+
+def falcon_mamba_config(**overrides) -> FalconMambaConfig:
+    """:func:`mamba_config`'s sizes, with the mixer's weight-free norms at an epsilon of
+    their own (1e-2, not layer_norm_epsilon's 1e-3)."""
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        expand=2,
+        conv_kernel=3,
+        time_step_rank=6,
+        layer_norm_epsilon=1e-3,
+        mixer_rms_eps=1e-2,
+        tie_word_embeddings=False,
+    )
+    return FalconMambaConfig(**{**values, **overrides})
 
 
 def mamba2_config(**overrides) -> Mamba2Config:
@@ -144,3 +180,145 @@ def random_model(
     """``model_class(config)`` with :func:`~tests.hf_testing.randomize`'s weights, in eval mode."""
     torch.manual_seed(seed)
     return randomize(model_class(config), seed)
+
+
+def falcon_h1_config(**overrides):
+    """Three layers of attention + Mamba-2 side by side, every multiplier away from 1 (a
+    different factor for each of the z, x, B, C, dt parts of the Mamba projection), GQA with a
+    head_dim of its own, a Mamba inner width (mamba_d_ssm) that is no multiple of the hidden
+    size, the gated RMSNorm on with the norm before the gate."""
+    from transformers import FalconH1Config
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        rms_norm_eps=1e-3,
+        rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
+        mamba_d_ssm=48,
+        mamba_n_heads=6,
+        mamba_d_head=8,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_chunk_size=CHUNK,
+        mamba_rms_norm=True,
+        mamba_norm_before_gate=True,
+        embedding_multiplier=1.7,
+        lm_head_multiplier=0.6,
+        key_multiplier=0.8,
+        attention_in_multiplier=1.3,
+        attention_out_multiplier=0.7,
+        ssm_in_multiplier=0.9,
+        ssm_out_multiplier=1.2,
+        ssm_multipliers=[0.5, 1.5, 0.8, 1.25, 0.6],
+        mlp_multipliers=[1.4, 0.75],
+    )
+    return FalconH1Config(**{**values, **overrides})
+
+
+def lfm2_config(**overrides):
+    """Short convs and attention mixed (``C-C-*-C-``), GQA with a head_dim of its own (16, not
+    hidden_size / heads = 12), and the MLP width auto-adjusted away from every default:
+    int(2 * 100 / 3) = 66, times 1.3 = 85, rounded up to a multiple of 16: 96. Tied, as LFM2 is
+    by default."""
+    from transformers import Lfm2Config
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=100,
+        block_auto_adjust_ff_dim=True,
+        block_ffn_dim_multiplier=1.3,
+        block_multiple_of=16,
+        num_hidden_layers=4,
+        layer_types=["conv", "conv", "full_attention", "conv"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        norm_eps=1e-3,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        conv_L_cache=3,
+        conv_bias=False,
+        tie_word_embeddings=True,
+    )
+    return Lfm2Config(**{**values, **overrides})
+
+
+def qwen3_next_config(**overrides):
+    """``D- D- *E DE``: Gated DeltaNet with two value heads per key head and a conv of 3, gated
+    attention with a head_dim of its own (16, not hidden_size / heads = 8) and half of each head
+    rotating (not the default quarter), dense MLPs where ``mlp_only_layers`` says (0 and 1) and
+    a 4-expert top-2 MoE with unnormalised top-k weights and a shared expert of its own width
+    elsewhere."""
+    from transformers import Qwen3NextConfig
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-3,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 3000.0,
+            "partial_rotary_factor": 0.5,
+        },
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=3,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0, 1],
+        tie_word_embeddings=False,
+    )
+    return Qwen3NextConfig(**{**values, **overrides})
+
+
+def granitemoehybrid_config(**overrides):
+    """``M E * E M E``: Mamba-2 with 2 groups, attention with RoPE, GQA and a head_dim of its
+    own, a 4-expert top-2 MoE with a shared MLP of another width, and every multiplier away
+    from 1 (attention_multiplier is the softmax scale)."""
+    from transformers import GraniteMoeHybridConfig
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        shared_intermediate_size=40,
+        num_hidden_layers=3,
+        layer_types=["mamba", "attention", "mamba"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        position_embedding_type="rope",
+        rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
+        rms_norm_eps=1e-3,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        mamba_n_heads=8,
+        mamba_d_head=8,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_chunk_size=CHUNK,
+        embedding_multiplier=2.5,
+        residual_multiplier=0.6,
+        attention_multiplier=0.2,
+        logits_scaling=1.8,
+    )
+    return GraniteMoeHybridConfig(**{**values, **overrides})

@@ -4,11 +4,13 @@
 (config.json plus safetensors) for the model types in :data:`CONVERTERS`; ``to_hf(model,
 directory, model_type)`` writes one that transformers loads.
 
-One module per model type (llama, mamba2, bamba, jamba, nemotron_h: :class:`Converter`), each
-its tensor names as one table (:mod:`~hybrid.convert.mapping`: the engine that applies a table
-in both directions), built from the block families several types share
-(:mod:`~hybrid.convert.blocks`: attention, MLP, Mamba-2 / Mamba-1 mixers, experts, and their
-config keys); :mod:`~hybrid.convert.hf_config` holds what their config sides share,
+One module per model type (llama, mamba, falcon_mamba, mamba2, bamba, jamba, nemotron_h,
+falcon_h1, granitemoehybrid, lfm2, qwen3_next: :class:`Converter`; falcon_mamba is mamba's
+plain Mamba-1 stack with weight-free inner norms), each its tensor names as one table
+(:mod:`~hybrid.convert.mapping`: the engine that applies a table in both directions), built
+from the block families several types share (:mod:`~hybrid.convert.blocks`: attention, MLP,
+Mamba-2 / Mamba-1 mixers, experts, Qwen3-Next's fused projections, and their config keys);
+:mod:`~hybrid.convert.hf_config` holds what their config sides share,
 :mod:`~hybrid.convert.common` model directories and errors.
 """
 
@@ -21,15 +23,22 @@ from pathlib import Path
 import torch
 
 from hybrid.convert.common import Converter, read_hf_config, read_hf_weights, write_hf
+from hybrid.convert.hf_config import require_expressible
 from hybrid.model import HybridLM
 
 # model_type -> module of hybrid.convert implementing Converter
 CONVERTERS = {
     "llama": "llama",
+    "mamba": "mamba",
+    "falcon_mamba": "falcon_mamba",
     "mamba2": "mamba2",
     "bamba": "bamba",
     "jamba": "jamba",
     "nemotron_h": "nemotron_h",
+    "falcon_h1": "falcon_h1",
+    "granitemoehybrid": "granitemoehybrid",
+    "lfm2": "lfm2",
+    "qwen3_next": "qwen3_next",
 }
 
 
@@ -72,6 +81,7 @@ def to_hf(model: HybridLM, directory: str | Path, model_type: str) -> None:
     """Write ``model`` as a transformers ``model_type`` directory (with tokenizer.json if the
     model was loaded from a directory that had one is up to the caller)."""
     module = converter(model_type)
+    require_expressible(model.config, model_type, getattr(module, "EXPRESSES", frozenset()))
     hf = module.config_to_hf(model.config)
     state = module.weights_to_hf(dict(model.state_dict()), model.config)
     write_hf(Path(directory), hf, state)

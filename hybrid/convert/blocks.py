@@ -2,11 +2,13 @@
 
 Tensor-name tables (:mod:`hybrid.convert.mapping`) inside one block, our name -> theirs, for
 the model converters to place in their layers with :func:`~hybrid.convert.mapping.nest`:
-attention, the MLP, the Mamba-2 mixer (mamba2, bamba, nemotron_h), the Mamba-1 mixer (jamba)
-and stacked experts (jamba, nemotron_h). Tables name every tensor a block can have; those a
-config does not build (biases, a gate) are skipped. And the config keys of the families that
-are spelled alike across types: Llama's attention and gated MLP (llama, bamba), the Mamba-2
-mixer's sizes and dt limit.
+attention, the MLP, the Mamba-2 mixer (mamba2, bamba, nemotron_h), the Mamba-1 mixer (jamba,
+mamba, falcon_mamba) and stacked experts (jamba, nemotron_h, qwen3_next). Tables name every
+tensor a block can have; those a config does not build (biases, a gate) are skipped. And the
+config keys of the families that are spelled alike across types: Llama's attention and gated
+MLP (llama, bamba), the Mamba-2 mixer's sizes and dt limit; and the layouts of fused tensors
+that several of our tensors share: packed gate/up experts (jamba, qwen3_next), Qwen3-Next's
+gated query projection and its Gated DeltaNet in-projections.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ MAMBA2_MIXER = same_names(
     "norm.weight", "out_proj.weight", "out_proj.bias",
 )  # fmt: skip
 
-# transformers' JambaMambaMixer, with its RMSNorms on dt, B and C
+# transformers' JambaMambaMixer, with its RMSNorms on dt, B and C, and MambaMixer /
+# FalconMambaMixer (no norms / weight-free ones: only our tensors are mapped)
 MAMBA1_MIXER = same_names(
     "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight",
     "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias",
@@ -60,6 +63,22 @@ EXPERTS: Table = {
     f"experts.{proj}": PerExpert(f"experts.{{expert}}.{proj}.weight", packed=f"experts.{proj}")
     for proj in ("gate_proj", "up_proj", "down_proj")
 }
+
+
+def unpacked_gate_up(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with transformers' in-memory ``experts.gate_up_proj`` (n_experts, 2 hidden,
+    d_model; the gate's rows, then the up's) split into ``experts.gate_proj`` and
+    ``experts.up_proj`` (the packed names :data:`EXPERTS` reads)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            gate, up = tensor.chunk(2, dim=1)
+            out[prefix + "gate_proj"], out[prefix + "up_proj"] = gate.contiguous(), up.contiguous()
+        else:
+            out[name] = tensor
+    return out
+
 
 # the attention Jamba and Nemotron-H build: no positional encoding, no biases, whole prefix
 NOPE_ATTENTION = {"position": "none", "window": None, "qkv_bias": False, "out_bias": False}
@@ -219,3 +238,20 @@ def gated_deltanet_in_proj_to_hf(
     qkvz = torch.cat(grouped, 1).flatten(0, 1)
     ba = torch.cat([b.reshape(nk, per_head, hidden), a.reshape(nk, per_head, hidden)], 1)
     return qkvz, ba.flatten(0, 1)
+
+
+# ------------------------------------------------------------ Qwen3-Next's gated attention
+
+
+def gated_query_from_hf(q_proj: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our attention's ``q_proj`` and ``gate_proj`` (weights or biases) from Qwen3-Next's
+    ``q_proj``, whose rows are grouped per head: [query_h, gate_h], head_dim rows each.
+    Shapes: (n_heads * 2 * head_dim, ...) -> two of (n_heads * head_dim, ...)."""
+    query, gate = q_proj.view(n_heads, 2, -1, *q_proj.shape[1:]).unbind(1)
+    return query.flatten(0, 1), gate.flatten(0, 1)
+
+
+def gated_query_to_hf(query: torch.Tensor, gate: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`gated_query_from_hf`: Qwen3-Next's interleaved ``q_proj``."""
+    per_head = [t.view(n_heads, -1, *t.shape[1:]) for t in (query, gate)]
+    return torch.stack(per_head, 1).flatten(0, 2)

@@ -180,3 +180,41 @@ def require_options(
             raise cannot_express(
                 model_type, f"{family}.{name}", getattr(options, name), f"{why}: needs {value!r}"
             )
+
+
+# Options of ours off their default that a converter must say it writes (its module's
+# ``EXPRESSES``); everywhere else they fail by name instead of being dropped on the way out.
+EXTENDED_OPTIONS = {
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "logit_multiplier": 1.0,
+    "attention.softmax_scale": None,
+    "attention.qk_norm": False,
+    "attention.output_gate": False,
+    "moe.shared_gate": False,
+    "mamba2.rmsnorm": True,
+    "mamba2.norm_before_gate": False,
+}
+
+
+def sublayer_options(config: HybridConfig) -> list[tuple[str, Any]]:
+    """``(family, resolved options)`` of every block, the mixers inside ``parallel`` too."""
+    found = []
+    for name, options in zip(config.layers, config.layer_options, strict=True):
+        if name == "parallel":
+            found.extend(options.mixers)
+        else:
+            found.append((name, options))
+    return found
+
+
+def require_expressible(config: HybridConfig, model_type: str, expresses: frozenset[str]) -> None:
+    """Fail on the first of :data:`EXTENDED_OPTIONS` off its default that ``model_type`` does
+    not express (``expresses``: the converter's own list)."""
+    found = [(key, getattr(config, key)) for key in EXTENDED_OPTIONS if "." not in key]
+    for family, options in sublayer_options(config):
+        found += [(key, getattr(options, key.split(".", 1)[1])) for key in EXTENDED_OPTIONS
+                  if key.startswith(family + ".")]  # fmt: skip
+    for key, value in found:
+        if key not in expresses and value != EXTENDED_OPTIONS[key]:
+            raise cannot_express(model_type, key, value, f"{model_type} has no such option")

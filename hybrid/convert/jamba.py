@@ -19,7 +19,14 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.blocks import ATTENTION, EXPERTS, MAMBA1_MIXER, MLP, NOPE_ATTENTION
+from hybrid.convert.blocks import (
+    ATTENTION,
+    EXPERTS,
+    MAMBA1_MIXER,
+    MLP,
+    NOPE_ATTENTION,
+    unpacked_gate_up,
+)
 from hybrid.convert.common import unsupported
 from hybrid.convert.hf_config import (
     cannot_express,
@@ -86,21 +93,6 @@ def name_map(config: HybridConfig) -> NameMap:
     """Our tensor names <-> Jamba's for ``config``'s model."""
     table = model_table(TENSORS, SUBLAYERS, config, layer_of=lambda index: index // 2)
     return NameMap(table, config, MODEL_TYPE)
-
-
-def unpacked_gate_up(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with transformers' in-memory ``experts.gate_up_proj`` (n_experts, 2 hidden,
-    d_model; the gate's rows, then the up's) split into ``experts.gate_proj`` and
-    ``experts.up_proj`` (the packed names :data:`~hybrid.convert.blocks.EXPERTS` reads)."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith("experts.gate_up_proj"):
-            prefix = name.removesuffix("gate_up_proj")
-            gate, up = tensor.chunk(2, dim=1)
-            out[prefix + "gate_proj"], out[prefix + "up_proj"] = gate.contiguous(), up.contiguous()
-        else:
-            out[name] = tensor
-    return out
 
 
 def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
@@ -200,7 +192,8 @@ def check_expressible(config: HybridConfig) -> dict[str, Any]:
         require_options(MODEL_TYPE, "attention", attention, NOPE_ATTENTION, "Jamba's attention")
     if "mamba1" in used:
         mamba = family_options(config, "mamba1", MODEL_TYPE)
-        require_options(MODEL_TYPE, "mamba1", mamba, {"inner_norms": True}, "Jamba's Mamba")
+        allowed = {"inner_norms": True, "inner_norm_weights": True}
+        require_options(MODEL_TYPE, "mamba1", mamba, allowed, "Jamba's Mamba")
         if mamba.norm_eps != config.norm_eps:
             why = f"Jamba has one rms_norm_eps; norm_eps={config.norm_eps}"
             raise cannot_express(MODEL_TYPE, "mamba1.norm_eps", mamba.norm_eps, why)

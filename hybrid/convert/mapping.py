@@ -7,11 +7,12 @@ index on the right)::
     "sublayers.{}.block.in_proj.weight": "model.layers.{}.mixer.in_proj.weight"
 
 An entry that is not a plain rename is a :class:`Transform` (:class:`PerExpert`: one stacked
-tensor of ours is one tensor per expert of theirs). :class:`NameMap` applies a table to the
-tensors of one model config, in either direction, so the two directions cannot drift apart.
-A table may name tensors a config does not have (biases, say): only our model's tensors are
-mapped. A tensor the table needs and the checkpoint lacks fails by name, as does one the
-checkpoint has and the table does not consume.
+tensor of ours is one tensor per expert of theirs; :class:`ZeroCentred`: a norm weight stored
+as its offset from 1). :class:`NameMap` applies a table to the tensors of one model config, in
+either direction, so the two directions cannot drift apart. A table may name tensors a config
+does not have (biases, say): only our model's tensors are mapped. A tensor the table needs and
+the checkpoint lacks fails by name, as does one the checkpoint has and the table does not
+consume.
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ class PerExpert(Transform):
 
     def expert(self, index: int) -> str:
         return self.name.replace("{expert}", str(index))
+
+
+@dataclass(frozen=True)
+class ZeroCentred(Transform):
+    """Our RMSNorm weight ``w`` as a checkpoint whose norm multiplies by ``1 + weight``
+    (Qwen3-Next, Gemma): theirs is ``w - 1``. The offset is added in float32, so that a
+    bfloat16 checkpoint's small weights are not rounded at 1 on the way in."""
+
+    name: str
+
+    def renamed(self, rename: Callable[[str], str]) -> ZeroCentred:
+        return ZeroCentred(rename(self.name))
+
+    def from_hf(self, state: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+        return take(state, self.name).float() + 1
+
+    def to_hf(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.name: (tensor.float() - 1).to(tensor.dtype)}
 
 
 Entry = str | Transform

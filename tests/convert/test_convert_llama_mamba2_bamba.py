@@ -257,7 +257,7 @@ def test_bamba_layout(tmp_path):
 
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match=r"'gpt2'.*supported: llama, mamba2, bamba"):
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: .*bamba"):
         from_hf(tmp_path)
 
 
@@ -324,6 +324,19 @@ def tiny(pattern, **fields) -> HybridLM:
         ("bamba", tiny("MM"), "mixer \\(M or \\*\\) then an MLP"),
         ("bamba", tiny("M-*-", attention={"rope": False}), "attention.position='none'"),
         ("bamba", tiny("M-", mlp={"activation": "geglu"}), "mlp.activation='geglu'"),
+        # options of ours that these types do not have fail by name, never silently dropped
+        ("llama", tiny("*-", embedding_multiplier=2.0), "embedding_multiplier=2.0"),
+        ("llama", tiny("*-", residual_multiplier=0.5), "residual_multiplier=0.5"),
+        ("llama", tiny("*-", logit_multiplier=0.5), "logit_multiplier=0.5"),
+        ("llama", tiny("*-", attention={"softmax_scale": 0.1}), "attention.softmax_scale=0.1"),
+        ("llama", tiny("*-", attention={"qk_norm": True}), "attention.qk_norm=True"),
+        ("llama", tiny("*-", attention={"output_gate": True}), "attention.output_gate=True"),
+        ("mamba2", tiny("M", mamba2={"headdim": 8, "rmsnorm": False}), "mamba2.rmsnorm=False"),
+        (
+            "bamba",
+            tiny("M-", mamba2={"headdim": 8, "norm_before_gate": True}),
+            "mamba2.norm_before_gate=True",
+        ),
     ],
 )
 def test_to_hf_of_an_incompatible_model(tmp_path, model_type, model, message):

@@ -25,6 +25,7 @@ SAME_BUDGET = [
     "nemotron_h_like",
     "qwen3_next_like",
     "lfm2_like",
+    "falcon_h1_like",
 ]
 RECIPE_PATHS = sorted(path for path in RECIPES.glob("*.yaml") if path != SWEEP)
 
@@ -152,7 +153,7 @@ def test_qwen3_next_like_is_gated_deltanet_three_to_one_with_gated_attention_and
         elif name == "gated_deltanet":
             assert options.n_v_heads == 2 * options.n_heads
         elif name == "moe":
-            assert options.n_shared_experts == 1
+            assert options.n_shared_experts == 1 and options.shared_gate
 
 
 def test_lfm2_like_is_mostly_short_convolutions():
@@ -162,6 +163,14 @@ def test_lfm2_like_is_mostly_short_convolutions():
     assert mixers.count("short_conv") > 1.5 * mixers.count("attention") > 0
     assert all(o.qk_norm for n, o in zip(built.layers, built.layer_options, strict=True)
                if n == "attention")  # fmt: skip
+
+
+def test_falcon_h1_like_is_attention_and_mamba2_side_by_side():
+    built = config("falcon_h1_like")
+    assert built.layers == ["parallel", "mlp"] * 6
+    for name, options in zip(built.layers, built.layer_options, strict=True):
+        if name == "parallel":
+            assert [mixer for mixer, _ in options.mixers] == ["attention", "mamba2"]
 
 
 # One budget for the same-budget recipes.
@@ -265,3 +274,18 @@ def test_every_swept_value_is_a_valid_recipe_override(name, value):
     else:
         assert applied == value
     loaded.hybrid_config(vocab_size=BYTE_VOCAB)
+
+
+@pytest.mark.parametrize(
+    "name, model_type",
+    [("qwen3_next_like", "qwen3_next"), ("lfm2_like", "lfm2"), ("falcon_h1_like", "falcon_h1")],
+)
+def test_anchor_recipes_are_expressible_as_their_transformers_type(name, model_type):
+    """Each anchor layout is one its transformers class can hold (``to_hf``'s config side)."""
+    from hybrid.convert import converter
+    from hybrid.convert.hf_config import require_expressible
+
+    built = config(name)
+    module = converter(model_type)
+    require_expressible(built, model_type, getattr(module, "EXPRESSES", frozenset()))
+    assert module.config_to_hf(built)["model_type"] == model_type
