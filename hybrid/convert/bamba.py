@@ -18,7 +18,6 @@ token ids, ``initializer_range`` (kept as ``init_std``).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -31,9 +30,10 @@ from hybrid.convert.blocks import (
     MLP,
     attention_from_hf,
     attention_to_hf,
-    dt_limit_from_hf,
     mamba2_from_hf,
     mamba2_sizes_to_hf,
+    mamba_prefixed_from_hf,
+    mamba_prefixed_to_hf,
     mlp_from_hf,
     mlp_to_hf,
 )
@@ -108,13 +108,7 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
         head_dim=head_dim,
         expand=expand,
         hidden_act="silu",
-        d_state=hf.get("mamba_d_state", 256),
-        ngroups=hf.get("mamba_n_groups", 1),
-        d_conv=hf.get("mamba_d_conv", 4),
-        chunk_size=hf.get("mamba_chunk_size", 256),
-        conv_bias=bool(hf.get("mamba_conv_bias", True)),
-        bias=bool(hf.get("mamba_proj_bias", False)),
-        dt_limit=dt_limit_from_hf(hf.get("time_step_limit", (0.0, math.inf))),
+        **mamba_prefixed_from_hf(hf),
         norm_eps=eps,
     )
     pattern = "".join("*-" if i in attn_layers else "M-" for i in range(n_layers))
@@ -194,15 +188,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         "mamba_expand": sizes["expand"],
     }
     if mamba is not None:
-        mamba_keys |= {
-            "mamba_d_state": mamba.d_state,
-            "mamba_n_groups": mamba.ngroups,
-            "mamba_d_conv": mamba.d_conv,
-            "mamba_chunk_size": mamba.chunk_size,
-            "mamba_conv_bias": mamba.conv_bias,
-            "mamba_proj_bias": mamba.bias,
-            "time_step_limit": list(mamba.dt_limit),
-        }
+        mamba_keys |= mamba_prefixed_to_hf(mamba)
     mlp = family_options(config, "mlp", MODEL_TYPE)
     require_value(
         MODEL_TYPE, "mlp.activation", mlp.activation, "swiglu",

@@ -190,6 +190,33 @@ def mamba2_from_hf(
     return {"headdim": head_dim, "expand": expand, **options}
 
 
+def mamba_prefixed_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """Our ``mamba2`` options (all but sizes and eps) from the ``mamba_``-prefixed keys that
+    Bamba, Granite 4 and Falcon-H1 share, with their common defaults."""
+    return {
+        "d_state": hf.get("mamba_d_state", 256),
+        "ngroups": hf.get("mamba_n_groups", 1),
+        "d_conv": hf.get("mamba_d_conv", 4),
+        "chunk_size": hf.get("mamba_chunk_size", 256),
+        "conv_bias": bool(hf.get("mamba_conv_bias", True)),
+        "bias": bool(hf.get("mamba_proj_bias", False)),
+        "dt_limit": dt_limit_from_hf(hf.get("time_step_limit", (0.0, math.inf))),
+    }
+
+
+def mamba_prefixed_to_hf(options: Any) -> dict[str, Any]:
+    """Inverse of :func:`mamba_prefixed_from_hf` for resolved ``mamba2`` options."""
+    return {
+        "mamba_d_state": options.d_state,
+        "mamba_n_groups": options.ngroups,
+        "mamba_d_conv": options.d_conv,
+        "mamba_chunk_size": options.chunk_size,
+        "mamba_conv_bias": options.conv_bias,
+        "mamba_proj_bias": options.bias,
+        "time_step_limit": list(options.dt_limit),
+    }
+
+
 def mamba2_sizes_to_hf(options: Any, config: HybridConfig, model_type: str) -> dict[str, Any]:
     """Checked sizes of resolved ``mamba2`` options: ``{"expand": ..., "n_heads": ...}``.
 

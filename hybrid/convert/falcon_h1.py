@@ -30,7 +30,6 @@ activation), ``mamba_proj_bias`` != ``projectors_bias``, quantized checkpoints. 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -43,7 +42,8 @@ from hybrid.convert.blocks import (
     MLP,
     attention_from_hf,
     attention_to_hf,
-    dt_limit_from_hf,
+    mamba_prefixed_from_hf,
+    mamba_prefixed_to_hf,
     mlp_from_hf,
     mlp_to_hf,
 )
@@ -146,13 +146,7 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
     mamba2 = {
         "n_heads": n_heads,
         "headdim": head_dim,
-        "d_state": hf.get("mamba_d_state", 256),
-        "ngroups": hf.get("mamba_n_groups", 1),
-        "d_conv": hf.get("mamba_d_conv", 4),
-        "chunk_size": hf.get("mamba_chunk_size", 256),
-        "conv_bias": bool(hf.get("mamba_conv_bias", True)),
-        "bias": bool(hf.get("mamba_proj_bias", False)),
-        "dt_limit": dt_limit_from_hf(hf.get("time_step_limit", (0.0, math.inf))),
+        **mamba_prefixed_from_hf(hf),
         "norm_eps": eps,
         "rmsnorm": bool(hf.get("mamba_rms_norm", False)),
         "norm_before_gate": bool(hf.get("mamba_norm_before_gate", True)),
@@ -267,16 +261,10 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         "mamba_d_ssm": d_inner,
         "mamba_n_heads": d_inner // mamba.headdim,
         "mamba_d_head": mamba.headdim,
-        "mamba_d_state": mamba.d_state,
-        "mamba_n_groups": mamba.ngroups,
-        "mamba_d_conv": mamba.d_conv,
-        "mamba_chunk_size": mamba.chunk_size,
-        "mamba_conv_bias": mamba.conv_bias,
-        "mamba_proj_bias": mamba.bias,
+        **mamba_prefixed_to_hf(mamba),
         "projectors_bias": mamba.bias,
         "mamba_rms_norm": mamba.rmsnorm,
         "mamba_norm_before_gate": mamba.norm_before_gate,
-        "time_step_limit": list(mamba.dt_limit),
         "embedding_multiplier": config.embedding_multiplier,
         "lm_head_multiplier": config.logit_multiplier,
         "attention_in_multiplier": attn_in,

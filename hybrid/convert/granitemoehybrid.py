@@ -31,7 +31,6 @@ token ids, ``initializer_range`` (kept as ``init_std``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -42,9 +41,10 @@ from hybrid.convert.blocks import (
     MAMBA2_MIXER,
     MAX_POSITIONS,
     attention_from_hf,
-    dt_limit_from_hf,
     mamba2_from_hf,
     mamba2_sizes_to_hf,
+    mamba_prefixed_from_hf,
+    mamba_prefixed_to_hf,
     same_names,
 )
 from hybrid.convert.common import unsupported
@@ -189,12 +189,7 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
         head_dim = expand * d_model // n_heads
     mamba2 = mamba2_from_hf(
         MODEL_TYPE, d_model, n_heads=n_heads, head_dim=head_dim, expand=expand, hidden_act=act,
-        d_state=hf.get("mamba_d_state", 256), ngroups=hf.get("mamba_n_groups", 1),
-        d_conv=hf.get("mamba_d_conv", 4), chunk_size=hf.get("mamba_chunk_size", 256),
-        conv_bias=bool(hf.get("mamba_conv_bias", True)),
-        bias=bool(hf.get("mamba_proj_bias", False)),
-        dt_limit=dt_limit_from_hf(hf.get("time_step_limit", (0.0, math.inf))),
-        norm_eps=eps,
+        **mamba_prefixed_from_hf(hf), norm_eps=eps,
     )  # fmt: skip
     n_experts = hf.get("num_local_experts", 8)
     shared = hf.get("shared_intermediate_size", 1024)
@@ -316,13 +311,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         "mamba_n_heads": sizes["n_heads"],
         "mamba_d_head": mamba.headdim,
         "mamba_expand": sizes["expand"],
-        "mamba_d_state": mamba.d_state,
-        "mamba_n_groups": mamba.ngroups,
-        "mamba_d_conv": mamba.d_conv,
-        "mamba_chunk_size": mamba.chunk_size,
-        "mamba_conv_bias": mamba.conv_bias,
-        "mamba_proj_bias": mamba.bias,
-        "time_step_limit": list(mamba.dt_limit),
+        **mamba_prefixed_to_hf(mamba),
         "embedding_multiplier": config.embedding_multiplier,
         "residual_multiplier": config.residual_multiplier,
         "logits_scaling": 1.0 / config.logit_multiplier,
