@@ -1,6 +1,6 @@
-"""Findings 1-2: MQAR test accuracy of the attention, Mamba-2 and hybrid runs side by side.
+"""Findings 1-2: MQAR test accuracy of the attention, Mamba-2, hybrid, DeltaNet, conv runs.
 
-Reads ``RUNS/mqar_{attention,mamba2,hybrid}/eval/mqar/results.json`` (written by
+Reads ``RUNS/mqar_{attention,mamba2,hybrid,deltanet,shortconv}/eval/mqar/results.json`` (written by
 ``hybrid eval mqar``) and writes ``OUT/mqar.json``, ``OUT/mqar.md`` (a table of accuracy by
 sequence length and number of key-value pairs) and ``OUT/mqar.png``.
 """
@@ -13,11 +13,17 @@ from finding_report import accuracy_axis, report_parser, save_figure, subplots, 
 
 from hybrid.eval import load_results
 
-LAYOUTS = {"attention": "*-*-", "mamba2": "M-M-", "hybrid": "M-*-"}
+LAYOUTS = {
+    "attention": "*-*-",
+    "mamba2": "M-M-",
+    "hybrid": "M-*-",
+    "deltanet": "D-D-",
+    "shortconv": "C-C-",
+}
 
 
 def main() -> None:
-    args = report_parser(__doc__.splitlines()[0], "directory holding the three runs").parse_args()
+    args = report_parser(__doc__.splitlines()[0], "directory holding the five runs").parse_args()
     out = Path(args.out)
     results = {
         layout: load_results(Path(args.runs) / f"mqar_{layout}" / "eval" / "mqar")

@@ -13,9 +13,14 @@ def test_mqar_recipes_differ_only_in_the_layout():
     recipes = {
         path.stem: load_recipe(path).resolved() for path in sorted(FINDINGS.glob("mqar_*.yaml"))
     }
-    assert sorted(recipes) == ["mqar_attention", "mqar_hybrid", "mqar_mamba2"]
     patterns = {name: recipe["model"].pop("pattern") for name, recipe in recipes.items()}
-    assert patterns == {"mqar_attention": "*-*-", "mqar_mamba2": "M-M-", "mqar_hybrid": "M-*-"}
+    assert patterns == {
+        "mqar_attention": "*-*-",
+        "mqar_mamba2": "M-M-",
+        "mqar_hybrid": "M-*-",
+        "mqar_deltanet": "D-D-",
+        "mqar_shortconv": "C-C-",
+    }
     for recipe in recipes.values():
         recipe.pop("name")
     first, *others = recipes.values()
