@@ -45,6 +45,13 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as file:
         os.fsync(file.fileno())
@@ -55,15 +62,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on a clean exit it replaces
     ``path`` durably, on an exception it is removed and ``path`` is untouched.
 
-    The parent directory is created if needed. The temporary file is not created in advance,
-    so whatever writes it (``torch.save``, ``safetensors``, a tokenizer) gives it the usual
-    permissions.
+    The parent directory is created if needed. The new file gets the permissions a plain
+    ``open`` gives under the process's umask (0644 under 022), whatever wrote it: safetensors
+    creates its files 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_name(path)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~current_umask())
         _fsync_file(temporary)
         os.replace(temporary, path)
     except BaseException:

@@ -7,16 +7,46 @@ loads without the recipe that trained it. Files are written atomically.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from hybrid.atomic import atomic_write, atomic_write_text
+from hybrid.checksum import (
+    CHECKPOINT_KEY,
+    METADATA_KEY,
+    structure_digest,
+    tensor_digest,
+    verify_digest,
+)
 from hybrid.config import HybridConfig
 from hybrid.model import HybridLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def require_trusted_modules(config: Any, where: str | Path, trust_remote_code: bool) -> None:
+    """Refuse a stored config whose ``modules`` list names modules not imported yet, unless
+    ``trust_remote_code``: importing them runs their code, so a downloaded checkpoint could
+    execute anything (as transformers' ``trust_remote_code``). Modules this process has
+    already imported (a user's own blocks) run nothing new and pass.
+
+    Raises:
+        ValueError: one line naming the file and the modules.
+    """
+    modules = config.get("modules") if isinstance(config, dict) else None
+    if not modules or trust_remote_code or not isinstance(modules, list):
+        return  # a malformed list is reported by HybridConfig
+    new = [name for name in modules if not (isinstance(name, str) and name in sys.modules)]
+    if new:
+        raise ValueError(
+            f"{where}: modules: loading this checkpoint imports {', '.join(map(repr, new))}, "
+            "which runs their code; pass --trust-remote-code (trust_remote_code=True) if you "
+            "trust them"
+        )
 
 
 def save_pretrained(model: HybridLM, directory: str | Path) -> None:
@@ -30,19 +60,29 @@ def save_pretrained(model: HybridLM, directory: str | Path) -> None:
         for name, tensor in model.state_dict().items()
         if not (model.config.tie_embeddings and name == "lm_head.weight")
     }
-    atomic_write(directory / WEIGHTS_FILE, lambda temporary: save_file(state, temporary))
+    metadata = {METADATA_KEY: tensor_digest(state)}
+    atomic_write(
+        directory / WEIGHTS_FILE, lambda temporary: save_file(state, temporary, metadata=metadata)
+    )
     atomic_write_text(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2))
 
 
 def load_pretrained(
-    directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
 ) -> HybridLM:
     """The model saved by :func:`save_pretrained`.
+
+    A config whose ``modules`` would import code not yet imported is refused unless
+    ``trust_remote_code`` (see :func:`require_trusted_modules`).
 
     Raises:
         ValueError: one line naming the directory or file and what is wrong.
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -54,8 +94,9 @@ def load_pretrained(
             raise ValueError(f"{directory}: missing {path.name}")
     try:
         data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    require_trusted_modules(data, config_path, trust_remote_code)
     try:
         config = HybridConfig.from_dict(data)
     except ValueError as error:
@@ -63,8 +104,11 @@ def load_pretrained(
     model = HybridLM(config)
     try:
         state = load_file(weights_path)
+        with safe_open(str(weights_path), framework="pt") as file:
+            expected = (file.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    verify_digest(state, expected, str(weights_path))
     if config.tie_embeddings:
         state["lm_head.weight"] = state.get("embedding.weight")
     try:
@@ -103,6 +147,9 @@ def read_training_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or TRAINING_META_KEY not in checkpoint:
         raise ValueError(f"{path}: not a checkpoint written by hybrid train (no model config)")
+    expected = checkpoint.pop(CHECKPOINT_KEY, None)
+    if expected is not None and structure_digest(checkpoint) != expected:
+        raise ValueError(f"{path}: content does not match its checksum (the file is damaged)")
     prefix = "model."
     state = {
         name[len(prefix) :]: tensor
@@ -113,10 +160,16 @@ def read_training_checkpoint(path: str | Path) -> dict:
 
 
 def load_training_checkpoint(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
 ) -> HybridLM:
-    """The model of a ``hybrid train`` checkpoint (see :func:`read_training_checkpoint`)."""
+    """The model of a ``hybrid train`` checkpoint (see :func:`read_training_checkpoint`);
+    ``trust_remote_code`` as in :func:`load_pretrained`."""
     content = read_training_checkpoint(path)
+    require_trusted_modules(content["meta"]["config"], path, trust_remote_code)
     try:
         config = HybridConfig.from_dict(content["meta"]["config"])
     except ValueError as error:
@@ -130,36 +183,50 @@ def load_training_checkpoint(
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory stands for its exported ``model/`` (or else ``checkpoints/last.ckpt``);
-    anything else is returned unchanged."""
+    """A run directory stands for its exported ``model/`` when complete (config and weights),
+    else ``checkpoints/last.ckpt``; anything else is returned unchanged."""
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
-        for candidate in (path / "model", path / "checkpoints" / "last.ckpt"):
-            if candidate.exists():
-                return candidate
+        model = path / "model"
+        # A complete export only: a run killed while exporting leaves model/ partial.
+        if (model / CONFIG_FILE).is_file() and (model / WEIGHTS_FILE).is_file():
+            return model
+        if (path / "checkpoints" / "last.ckpt").is_file():
+            return path / "checkpoints" / "last.ckpt"
+        if model.exists():
+            return model  # whose loading then names what is missing
     return path
 
 
 def load_model(
-    directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
 ) -> HybridLM:
     """A model from any checkpoint we know: our model directory, a ``hybrid train`` run
-    directory or ``.ckpt`` file, or a transformers directory.
+    directory or ``.ckpt`` file, or a transformers directory. ``trust_remote_code``: see
+    :func:`require_trusted_modules`.
 
     A ``config.json`` with a ``model_type`` key is a transformers directory (converted with
     :func:`hybrid.convert.from_hf`); otherwise it is ours (:func:`load_pretrained`).
     """
     directory = resolve_checkpoint(directory)
     if directory.is_file():
-        return load_training_checkpoint(directory, device=device, dtype=dtype)
+        return load_training_checkpoint(
+            directory, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     config_path = Path(directory) / CONFIG_FILE
     if config_path.is_file():
         try:
             is_hf = "model_type" in json.loads(config_path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
             is_hf = False  # load_pretrained reports the bad JSON
         if is_hf:
             from hybrid.convert import from_hf
 
             return from_hf(directory, dtype=dtype).to(device)
-    return load_pretrained(directory, device=device, dtype=dtype)
+    return load_pretrained(
+        directory, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )

@@ -15,6 +15,8 @@ from hybrid.pattern import Pattern, parse_pattern, pattern_string
 from layers.attention import AttentionOptions
 from layers.options import (
     build_options,
+    check_type,
+    field_types,
     merge_options,
     require,
     require_finite_number,
@@ -25,6 +27,13 @@ from layers.registry import get_block
 
 BUILTIN_FAMILIES = (
     "attention", "mamba2", "mamba1", "gated_deltanet", "short_conv", "mlp", "moe",
+)  # fmt: skip
+
+
+# Fields checked against their annotation before anything else reads them.
+SCALAR_FIELDS = (
+    "vocab_size", "d_model", "norm_eps", "tie_embeddings", "init_std", "embedding_multiplier",
+    "residual_multiplier", "logit_multiplier", "modules",
 )  # fmt: skip
 
 
@@ -99,6 +108,9 @@ class HybridConfig:
     modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        hints = field_types(HybridConfig)
+        for name in SCALAR_FIELDS:
+            check_type(getattr(self, name), hints[name], name)
         for module in self.modules:
             try:
                 importlib.import_module(module)
@@ -123,9 +135,7 @@ class HybridConfig:
             family_options[name] = build_options(spec.options_class, values, f"blocks.{name}")
 
         parsed = parse_pattern(self.pattern)
-        require(
-            isinstance(self.layer_overrides, dict), "layer_overrides", "must map index to options"
-        )
+        self.layer_overrides = layer_overrides_from_data(self.layer_overrides)
         for index in self.layer_overrides:
             require(
                 isinstance(index, int) and 0 <= index < len(parsed),
@@ -207,7 +217,7 @@ class HybridConfig:
             raise ValueError("pattern: required")
         data = dict(data)
         if "layer_overrides" in data:
-            data["layer_overrides"] = {int(k): v for k, v in data["layer_overrides"].items()}
+            data["layer_overrides"] = layer_overrides_from_data(data["layer_overrides"])
         return cls(**data)
 
     def fingerprint(self) -> str:
@@ -224,3 +234,23 @@ class HybridConfig:
         }
         text = json.dumps(resolved, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def layer_overrides_from_data(data: Any) -> dict[int, dict[str, Any]]:
+    """``layer_overrides`` from plain data, where keys may be strings ("3": JSON, CLI)."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"layer_overrides: must map sublayer indices to options, got {type(data).__name__}"
+        )
+    overrides = {}
+    for key, options in data.items():
+        try:
+            index = key if isinstance(key, int) and not isinstance(key, bool) else int(str(key))
+        except ValueError:
+            raise ValueError(f"layer_overrides: key {key!r} is not a sublayer index") from None
+        if not isinstance(options, dict):
+            raise ValueError(
+                f"layer_overrides.{key}: must be a mapping of options, got {type(options).__name__}"
+            )
+        overrides[index] = options
+    return overrides

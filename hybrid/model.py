@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from hybrid.config import HybridConfig
 from hybrid.inference.cache import CachePrecision, HybridCache, token_context, with_precision
 from hybrid.inference.generation import GenerationMixin
+from hybrid.memory import available_bytes, require_fits
 from layers.base import Block, BlockOutput, CacheEntry, TokenContext
 from layers.norm import RMSNorm
 from layers.positions import sinusoidal_encoding
@@ -84,6 +85,29 @@ def announce_compile() -> None:
         print(_COMPILE_NOTE, file=sys.stderr, flush=True)
 
 
+# Weights per sublayer in units of d_model^2, generous enough that a model this bound calls
+# small is small (an 8-expert MoE of width 4 d_model is 96); above a quarter of the free
+# memory the exact count (a model built on the meta device, about 0.1 s) decides.
+_ROUGH_SUBLAYER_WEIGHTS = 128
+
+
+def check_parameters_fit(config: HybridConfig) -> None:
+    """Refuse a model whose float32 weights exceed the free memory, before building it."""
+    if torch.get_default_device().type == "meta":
+        return
+    d, layers = config.d_model, len(config.layers)
+    rough = 4 * (2 * config.vocab_size * d + layers * _ROUGH_SUBLAYER_WEIGHTS * d * d)
+    free = available_bytes(torch.get_default_device())
+    if free is None or rough <= free // 4:
+        return
+    with torch.device("meta"):
+        model = HybridLM(config)
+    nbytes = sum(p.numel() for p in model.parameters()) * torch.get_default_dtype().itemsize
+    require_fits(
+        nbytes, f"model of d_model {d}, vocab_size {config.vocab_size}, {layers} sublayers"
+    )
+
+
 class HybridLM(GenerationMixin, nn.Module):
     """A language model whose sublayers follow ``config.layers``.
 
@@ -99,6 +123,7 @@ class HybridLM(GenerationMixin, nn.Module):
 
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
+        check_parameters_fit(config)
         self.config = config
         self.cache_precision = CachePrecision()  # kv / state dtypes of caches by default
         self.checkpoint_every = 0  # activation checkpointing: every n-th sublayer (0: off)
@@ -168,6 +193,28 @@ class HybridLM(GenerationMixin, nn.Module):
                 f"input_ids: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
             )
 
+    def require_cache_fits(
+        self,
+        batch_size: int,
+        max_seqlen: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """Refuse (one-line ValueError) a cache for ``batch_size`` x ``max_seqlen`` tokens
+        whose bytes (keys and values in ``dtype``) exceed the free memory of ``device`` (default:
+        the model's)."""
+        device = self.embedding.weight.device if device is None else device
+        if device.type == "meta":
+            return
+        dtype = dtype or self.embedding.weight.dtype
+        nbytes = batch_size * sum(
+            get_block(name).block_class.inference_state_bytes(
+                self.config.d_model, options, max_seqlen, dtype
+            )
+            for name, options in zip(self.config.layers, self.config.layer_options, strict=True)
+        )
+        require_fits(nbytes, f"inference cache of {batch_size} x {max_seqlen} tokens", device)
+
     def allocate_cache(
         self,
         batch_size: int,
@@ -176,8 +223,12 @@ class HybridLM(GenerationMixin, nn.Module):
         *,
         kv_dtype: torch.dtype | str | None = None,
         state_dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
     ) -> HybridCache:
         """An empty inference cache for ``batch_size`` sequences of up to ``max_seqlen`` tokens.
+
+        ``device``: where its tensors live (default: the model's; ``"meta"`` gives the shapes
+        and dtypes without memory). A cache larger than the device's free memory is refused.
 
         ``dtype`` is that of keys, values and conv states (default: the model's).
         ``kv_dtype``: attention keys and values in ``"int8"`` (per-token, per-head scales) or
@@ -203,7 +254,8 @@ class HybridLM(GenerationMixin, nn.Module):
                 )
         dtype = precision.dtype or self.embedding.weight.dtype
         precision = dataclasses.replace(precision, dtype=dtype)
-        device = self.embedding.weight.device
+        device = self.embedding.weight.device if device is None else torch.device(device)
+        self.require_cache_fits(batch_size, max_seqlen, dtype, device)
         entries = [
             block.allocate_cache(batch_size, max_seqlen, dtype, device) for block in self.blocks
         ]

@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+    """Base of every recipe section: unknown keys are errors, assignments are validated, and
+    numbers are finite (an ``inf`` learning rate is refused, not trained with)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(Section):
@@ -223,6 +224,16 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_output_dir(cls, name: str) -> str:
+        path = Path(name)
+        if not name or path.is_absolute() or len(path.parts) != 1 or name in (".", ".."):
+            raise ValueError(
+                "must be one directory name inside output_dir (no '/', '..' or absolute path)"
+            )
+        return name
+
     @property
     def run_dir(self) -> Path:
         """Where everything of this run is written: ``{output_dir}/{name}``."""
@@ -284,6 +295,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         data = load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except UnicodeDecodeError as error:
+        message = f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
+        raise RecipeError(message) from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
     return data

@@ -97,7 +97,11 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         if isinstance(source, (str, Path)):
-            source = _Tokenizer.from_file(str(source))
+            try:
+                source = _Tokenizer.from_file(str(source))
+            except Exception as error:  # the library raises a bare Exception on bad JSON
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ValueError(f"{source}: not a tokenizers tokenizer.json ({message})") from None
         self._tokenizer = source
         self.vocab_size: int = source.get_vocab_size(with_added_tokens=True)
         ids = (source.token_to_id(token) for token in EOS_CANDIDATES)
@@ -198,6 +202,9 @@ def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
             return ByteTokenizer()
         import tokenizers
 
-        return HFTokenizer(tokenizers.Tokenizer.from_str(text))
+        try:
+            return HFTokenizer(tokenizers.Tokenizer.from_str(text))
+        except Exception as error:  # the library raises a bare Exception on bad JSON
+            raise ValueError(f"{path}: its stored tokenizer does not load ({error})") from None
     json_path = path / "tokenizer.json"
     return HFTokenizer(json_path) if json_path.is_file() else ByteTokenizer()

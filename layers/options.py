@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import types
+import typing
 from typing import Any
 
 
@@ -28,13 +31,94 @@ def build_options(options_class: type, values: dict[str, Any] | Any, where: str)
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"{where}.{key}: unknown option; {hint}valid: {', '.join(names)}")
+    hints = field_types(options_class)
+    for key, value in values.items():
+        check_type(value, hints[key], f"{where}.{key}")
     return options_class(**values)
 
 
 def merge_options(options: Any, overrides: dict[str, Any], where: str) -> Any:
     """A copy of ``options`` with ``overrides`` applied (unknown keys fail like build_options)."""
-    build_options(type(options), overrides, where)  # key check only
+    build_options(type(options), overrides, where)  # key and type checks only
     return dataclasses.replace(options, **overrides)
+
+
+@functools.cache
+def field_types(options_class: type) -> dict[str, Any]:
+    """The resolved type annotation of each field of a dataclass."""
+    return typing.get_type_hints(options_class)
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return {"int": "an integer", "float": "a finite number", "bool": "true or false",
+                "str": "a string", "dict": "a mapping", "list": "a list"}.get(
+            annotation.__name__, annotation.__name__)  # fmt: skip
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list):
+        args = typing.get_args(annotation)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} numbers" if all(a is float for a in args) else "a list"
+        return "a list of numbers" if args == (float,) else "a list"
+    return str(annotation)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` (plain data from YAML / JSON / Python) fits ``annotation``; types this
+    does not know (``Any``, classes of options) are accepted, their own checks decide."""
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if annotation in (str, dict, list):
+        return isinstance(value, annotation)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(annotation)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return False
+            pairs = zip(value, args, strict=True)
+        else:
+            pairs = ((item, args[0] if args else Any) for item in value)
+        # Inside lists, numbers may be infinite (dt_limit's upper end), never NaN.
+        return all(_matches_item(item, arg) for item, arg in pairs)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _matches_item(value: Any, annotation: Any) -> bool:
+    if annotation is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and not math.isnan(value)
+    return _matches(value, annotation)
+
+
+def check_type(value: Any, annotation: Any, where: str) -> None:
+    """Fail with one line naming ``where`` unless ``value`` fits the field's annotation
+    (numbers must be finite; bools are not numbers)."""
+    if _matches(value, annotation):
+        return
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        allowed = " or ".join(_type_name(arg) for arg in args)
+    else:
+        allowed = _type_name(annotation)
+    raise ValueError(f"{where}: must be {allowed}, got {value!r}")
 
 
 def require(condition: bool, where: str, message: str) -> None:

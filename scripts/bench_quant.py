@@ -40,12 +40,13 @@ import torch
 # Measure this checkout, whichever copy of the packages is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hybrid.accounting import describe, human_bytes
+from hybrid.accounting import describe
 from hybrid.checkpoint import load_model
 from hybrid.eval.inference import token_losses
 from hybrid.inference.cache import CachePrecision
 from hybrid.quantize import quantize, weight_bytes
 from hybrid.tokenizer import load_tokenizer
+from hybrid.units import human_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

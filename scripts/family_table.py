@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from hybrid.accounting import describe, human_bytes
+from hybrid.accounting import describe
 from hybrid.recipe import load_recipe
+from hybrid.units import human_bytes
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FAMILIES = {

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from hybrid import HybridConfig
-from hybrid.accounting import describe, human_bytes
+from hybrid.accounting import describe
+from hybrid.units import human_bytes
 
 # Jamba-v0.1's block at its width: 8 layers of (mixer, feed-forward), attention at layer 4,
 # MoE on odd layers; the all-attention stack has the same layers with attention mixers.

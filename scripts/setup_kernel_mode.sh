@@ -3,8 +3,9 @@
 #
 # It sees the main environment's packages (--system-site-packages: torch, hybrid, pytest) and
 # adds triton and the GPU extra, mamba-ssm and causal-conv1d, installed with their CUDA builds
-# skipped. Nothing of it is imported by the main environment, whose tests keep the PyTorch
-# paths. Pinned: the mode checks our dispatch against these exact upstream releases.
+# skipped, and fla-core (flash-linear-attention's Triton kernels, pure Python). Nothing of it is
+# imported by the main environment, whose tests keep the PyTorch paths. Pinned: the mode checks
+# our dispatch against these exact upstream releases.
 #
 #   bash scripts/setup_kernel_mode.sh          # about 30 s with a warm pip cache
 #   KERNEL_VENV=/some/dir bash scripts/setup_kernel_mode.sh
@@ -15,9 +16,10 @@ venv=${KERNEL_VENV:-.venv-kernels}
 TRITON_SPEC=${TRITON_SPEC:-triton==3.9.0}
 MAMBA_SPEC=${MAMBA_SPEC:-mamba-ssm==2.3.2.post1}
 CONV_SPEC=${CONV_SPEC:-causal-conv1d==1.7.0}
+FLA_SPEC=${FLA_SPEC:-fla-core==0.6.0}
 
 if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" - "$MAMBA_SPEC" "$CONV_SPEC" "$TRITON_SPEC" \
-  <<'EOF' 2>/dev/null
+  "$FLA_SPEC" <<'EOF' 2>/dev/null
 import sys
 from importlib.metadata import version
 wanted = dict(spec.split("==") for spec in sys.argv[1:])
@@ -38,4 +40,7 @@ rm -rf "$venv"
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
   CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
   "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps "$MAMBA_SPEC" "$CONV_SPEC"
-echo "kernel mode: created $venv ($TRITON_SPEC, $MAMBA_SPEC, $CONV_SPEC)"
+# fla-core's one requirement, einops, comes from the main environment; --no-deps keeps pip from
+# replacing the CPU torch with a CUDA one.
+"$venv/bin/python" -m pip install -q --no-deps "$FLA_SPEC"
+echo "kernel mode: created $venv ($TRITON_SPEC, $MAMBA_SPEC, $CONV_SPEC, $FLA_SPEC)"

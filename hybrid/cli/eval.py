@@ -19,11 +19,19 @@ from typing import Any
 import torch
 
 from hybrid.checkpoint import load_model, resolve_checkpoint
-from hybrid.cli.parsing import DTYPES, OneLineParser, add_precision_arguments, apply_precision
+from hybrid.cli.parsing import (
+    DTYPES,
+    TRUST_HELP,
+    OneLineParser,
+    add_precision_arguments,
+    apply_precision,
+    resolve_device,
+)
 from hybrid.eval.checkpoints import default_out_dir
 from hybrid.eval.inference import DEFAULT_CHUNK_SIZE, check_positive
 from hybrid.eval.results import RESULTS_FILE, run_meta, save_results
 from hybrid.eval.tasks import Task, available_tasks, load_task
+from hybrid.outputs import require_output_dir
 from hybrid.tokenizer import load_tokenizer
 
 USAGE = "hybrid eval TASK --checkpoint PATH [options]"
@@ -52,6 +60,7 @@ def build_parser(task: Task, module: ModuleType) -> OneLineParser:
         "next to the checkpoint)",
     )  # fmt: skip
     common.add_argument("--seed", type=int, default=0, help="seed of the random items (0)")
+    common.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     common.add_argument(
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="TOKENS",
         help=f"prefill chunk through the cache; bounds memory (default {DEFAULT_CHUNK_SIZE})",
@@ -76,19 +85,6 @@ def build_parser(task: Task, module: ModuleType) -> OneLineParser:
     common.add_argument("--wandb-name", default=None, help="W&B run name")
     module.add_arguments(parser.add_argument_group(f"{task.name} options"))
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name} requested but CUDA is not available")
-    return device
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -129,14 +125,20 @@ def evaluate_and_write(
     """Load the checkpoint, run the task, write ``results.json`` and the plots, log to W&B."""
     model = tokenizer = None
     out = Path(args.out) if args.out else Path("eval") / task.name
+    if args.out:
+        require_output_dir(out, "--out")  # before the checkpoint loads
     meta: dict[str, Any] = {"command": shlex.join(["hybrid", "eval", *argv])}
     if args.checkpoint is not None:
         tokenizer = load_tokenizer(args.checkpoint)
-        model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+        model = load_model(
+            args.checkpoint, device=device, dtype=DTYPES[args.dtype],
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
         meta["precision"] = apply_precision(model, args)
         out = Path(args.out) if args.out else default_out_dir(args.checkpoint, task.name)
         meta["checkpoint"] = str(args.checkpoint)
         meta["checkpoint_resolved"] = str(resolve_checkpoint(args.checkpoint).resolve())
+    require_output_dir(out, "--out")  # before the evaluation, not after it
     started = time.perf_counter()
     results = module.evaluate(args, model, tokenizer, not args.no_progress)
     meta["seconds"] = round(time.perf_counter() - started, 3)

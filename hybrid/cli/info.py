@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hybrid.accounting import ModelInfo, human_bytes, human_count
+from hybrid.accounting import ModelInfo
+from hybrid.units import human_bytes, human_count
 
 
 def format_info(info: ModelInfo) -> str:

@@ -9,7 +9,13 @@ import sys
 
 import torch
 
-from hybrid.cli.parsing import DTYPES, KV_DTYPES, OneLineParser, add_precision_arguments
+from hybrid.cli.parsing import (
+    DTYPES,
+    KV_DTYPES,
+    TRUST_HELP,
+    OneLineParser,
+    add_precision_arguments,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--device", default="cpu")
+    generate.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     add_precision_arguments(generate)
     generate.add_argument(
         "--compile", action="store_true",
@@ -85,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--to-hf", metavar="DIR", help="our checkpoint directory")
     convert.add_argument("--model-type", help="transformers model type (with --to-hf)")
     convert.add_argument("--out", required=True, help="directory to write")
+    convert.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     commands.add_parser(
         "eval",
         help="long-context evaluations of a checkpoint: passkey, niah, ppl, decode, ...",
@@ -98,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> None:
     from hybrid.checkpoint import load_pretrained, save_pretrained
     from hybrid.convert import copy_tokenizer, from_hf, to_hf
+    from hybrid.outputs import require_output_dir
 
+    require_output_dir(args.out, "--out")
     if args.from_hf:
         save_pretrained(from_hf(args.from_hf), args.out)
         copy_tokenizer(args.from_hf, args.out)
@@ -106,14 +116,15 @@ def run_convert(args: argparse.Namespace) -> None:
         return
     if not args.model_type:
         raise ValueError("--model-type: required with --to-hf (e.g. bamba)")
-    to_hf(load_pretrained(args.to_hf), args.out, args.model_type)
+    to_hf(load_pretrained(args.to_hf, trust_remote_code=args.trust_remote_code), args.out,
+          args.model_type)  # fmt: skip
     copy_tokenizer(args.to_hf, args.out)
     print(f"wrote {args.out} ({args.model_type}: config.json, model.safetensors)")
 
 
 def run_generate(args: argparse.Namespace) -> None:
     from hybrid.checkpoint import load_model
-    from hybrid.cli.parsing import apply_precision
+    from hybrid.cli.parsing import apply_precision, resolve_device
     from hybrid.inference.sampling import SamplingConfig
     from hybrid.tokenizer import load_tokenizer
 
@@ -124,13 +135,17 @@ def run_generate(args: argparse.Namespace) -> None:
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
     )
-    model = load_model(args.checkpoint, device=args.device)
-    apply_precision(model, args)
+    args.device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.checkpoint)
+    model = load_model(
+        args.checkpoint, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    apply_precision(model, args)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt: empty after tokenization")
     input_ids = torch.tensor([ids], device=args.device)
+    model.require_cache_fits(1, len(ids) + args.max_new_tokens)  # before the prompt is echoed
     decoder = tokenizer.decoder()
     if args.compile:
         model.compiled_decode_step()  # says it compiles (stderr) before the prompt is echoed
@@ -157,12 +172,16 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"hybrid train: error: {error}; {kept}", file=sys.stderr)
         return 1
     if result.interrupted:
+        by = f" by {result.signal_name}" if result.signal_name else ""
         print(
-            f"interrupted at step {result.steps}; saved {last_checkpoint(recipe)}; continue with: "
-            f"hybrid train {args.recipe} {' '.join(args.overrides)} --resume".replace("  ", " "),
+            f"interrupted{by} at step {result.steps}; saved {last_checkpoint(recipe)}; continue "
+            f"with: hybrid train {args.recipe} {' '.join(args.overrides)} --resume".replace(
+                "  ", " "
+            ),
             file=sys.stderr,
         )
-        return 130
+        # The shell's convention: 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+        return 143 if result.signal_name == "SIGTERM" else 130
     if result.val_loss is not None:
         print(
             f"step {result.steps}: validation loss {result.val_loss:.4f} nats/token "

@@ -67,3 +67,26 @@ def apply_precision(model: torch.nn.Module, args: argparse.Namespace) -> dict[st
         "kv_dtype": args.kv_dtype,
         "state_dtype": args.state_dtype,
     }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device: {name}: this machine has {torch.cuda.device_count()} GPUs")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {name!r}: only cpu and cuda devices are supported")
+    return device
+
+
+TRUST_HELP = (
+    "allow the checkpoint's config to import the Python modules it lists (modules: ...), which "
+    "runs their code; only for checkpoints you trust"
+)

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from hybrid.convert.common import Converter, read_hf_config, read_hf_weights, write_hf
+from hybrid.convert.common import (
+    Converter,
+    check_hf_types,
+    read_hf_config,
+    read_hf_weights,
+    write_hf,
+)
 from hybrid.convert.hf_config import require_expressible
 from hybrid.model import HybridLM
 
@@ -63,8 +69,25 @@ def from_hf(directory: str | Path, *, dtype: torch.dtype | None = None) -> Hybri
         raise ValueError(f"{directory}: no such directory")
     hf = read_hf_config(directory)
     module = converter(hf.get("model_type", "<missing>"))
-    config = module.config_from_hf(hf)
-    state = module.weights_from_hf(read_hf_weights(directory), hf, config)
+    check_hf_types(hf, directory / "config.json")
+    try:
+        config = module.config_from_hf(hf)
+    except (TypeError, KeyError, AttributeError, IndexError) as error:  # a malformed config
+        raise ValueError(
+            f"{directory / 'config.json'}: cannot be read as a {module.MODEL_TYPE} config "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    weights = read_hf_weights(directory)
+    try:
+        state = module.weights_from_hf(weights, hf, config)
+    except KeyError as error:
+        raise ValueError(
+            f"{directory}: the weights lack tensor {error} (for {module.MODEL_TYPE})"
+        ) from None
+    except (TypeError, IndexError, RuntimeError) as error:  # shapes that the config contradicts
+        raise ValueError(
+            f"{directory}: the weights do not fit config.json ({type(error).__name__}: {error})"
+        ) from None
     model = HybridLM(config)
     if config.tie_embeddings:
         state.setdefault("lm_head.weight", state["embedding.weight"])

@@ -77,9 +77,56 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{directory}: no config.json (not a transformers model directory)")
     try:
-        return decode_special_floats(json.loads(path.read_text()))
-    except json.JSONDecodeError as error:
+        hf = decode_special_floats(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object of config keys")
+    return hf
+
+
+def check_hf_types(hf: dict[str, Any], path: Path) -> None:
+    """Fail with one line naming ``path`` and the key where a config.json value has another
+    kind than transformers' default for that key (a string where a number belongs, a number
+    where a string belongs, a bool where a number belongs). Without transformers, or for a
+    model type it does not know, nothing is checked here (the converters' own checks remain).
+    """
+    try:
+        from transformers import CONFIG_MAPPING
+
+        defaults = CONFIG_MAPPING[hf["model_type"]]().to_dict()
+    except Exception:  # transformers missing, unknown model type, a config that needs arguments
+        return
+    for key, value in hf.items():
+        default = defaults.get(key)
+        if default is None or value is None or isinstance(default, (list, dict)):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+            kind = "true or false"
+        elif isinstance(default, (int, float)):
+            ok = number or isinstance(value, (list, dict))  # some keys take a list per layer
+            kind = "a number"
+        elif isinstance(default, str):
+            ok = not (number or isinstance(value, bool))
+            kind = "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{path}: {key}: must be {kind} (as transformers' default "
+                             f"{default!r}), got {value!r}")  # fmt: skip
+
+
+def read_weight_map(index: Path) -> list[str]:
+    """The shard files an index (``model.safetensors.index.json``) lists."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{index}: not a JSON index of shards ({error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: no weight_map (a mapping of tensor names to shard files)")
+    return sorted(set(weight_map.values()))
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +136,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = read_weight_map(index)
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

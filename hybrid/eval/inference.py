@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from hybrid.accounting import describe, human_bytes
+from hybrid.accounting import describe
 from hybrid.inference.generation import generate
+from hybrid.units import human_bytes
 
 if TYPE_CHECKING:
     from hybrid.model import HybridLM

@@ -18,8 +18,9 @@ File layout:
 
 The file is written to a temporary name in the same directory and renamed over ``path``,
 so a crash never leaves a partial file and an existing file is only replaced by a complete
-one. Loading only reads the file. Tensor data carries no checksum: truncation and a broken
-header are detected, flipped bits inside tensor data are not.
+one. Loading only reads the file. Metadata key ``hybrid_sha256`` holds a SHA-256 over the
+tensor data (:mod:`hybrid.checksum`), so flipped bits inside tensors fail loading as surely as
+truncation and a broken header do (files written before it load unchecked).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hybrid.atomic import atomic_write
+from hybrid.checksum import METADATA_KEY, tensor_digest, verify_digest
 from hybrid.inference.cache import CachePrecision, HybridCache
 from layers.base import CacheEntry
 
@@ -76,8 +78,7 @@ def save_cache(cache: HybridCache, path: str | Path) -> None:
         "layers": layers,
     }
     tensors = _cpu_unshared(tensors)
-
-    metadata = {HEADER_KEY: json.dumps(header)}
+    metadata = {HEADER_KEY: json.dumps(header), METADATA_KEY: tensor_digest(tensors)}
     atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
@@ -114,18 +115,26 @@ def load_cache(
                     f"{where}: cache has {len(header['layers'])} layers, the model {n_layers}"
                 )
             names = set(file.keys())
-            try:
-                cache = model.allocate_cache(
-                    header["batch_size"],
-                    header["max_seqlen"],
-                    header["dtype"],
-                    # explicit, so the model's own cache_precision does not apply
-                    kv_dtype=header.get("kv_dtype") or header["dtype"],
-                    state_dtype=header.get("state_dtype")
-                    or torch.promote_types(header["dtype"] or torch.float32, torch.float32),
-                )
-            except ValueError as error:
-                raise ValueError(f"{where}: cannot allocate the saved cache: {error}") from None
+
+            def allocate(device: str | None = None) -> HybridCache:
+                try:
+                    return model.allocate_cache(
+                        header["batch_size"],
+                        header["max_seqlen"],
+                        header["dtype"],
+                        # explicit, so the model's own cache_precision does not apply
+                        kv_dtype=header.get("kv_dtype") or header["dtype"],
+                        state_dtype=header.get("state_dtype")
+                        or torch.promote_types(header["dtype"] or torch.float32, torch.float32),
+                        device=device,
+                    )
+                except ValueError as error:
+                    raise ValueError(f"{where}: cannot allocate the saved cache: {error}") from None
+
+            # The header's sizes against the stored tensors' shapes, before any memory is
+            # taken: an edited batch_size or max_seqlen must not allocate what it claims.
+            _check_shapes(file, names, allocate("meta"), where)
+            cache = allocate()
             if device is not None:
                 _move_cache(cache, torch.device(device))
             expected = {"real_lengths"}
@@ -139,6 +148,8 @@ def load_cache(
                     f"{sorted(names - expected)}, missing {sorted(expected - names)}"
                 )
             real_lengths = file.get_tensor("real_lengths")
+            stored = {name: file.get_tensor(name) for name in names}
+            verify_digest(stored, metadata.get(METADATA_KEY), where)
     except (SafetensorError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"{where}: not a readable safetensors cache file ({message})") from None
@@ -259,6 +270,24 @@ def _move_cache(cache: HybridCache, device: torch.device) -> None:
             for name, tensor in entry.tensors().items():
                 entry.set_tensor(name, tensor.to(device))
     cache.real_lengths = cache.real_lengths.to(device)
+
+
+def _check_shapes(file: Any, names: set[str], expected: HybridCache, where: str) -> None:
+    """Fail unless every stored tensor has the shape a cache of the header's sizes has."""
+    shapes = {"real_lengths": (expected.batch_size,)}
+    for index, entry in enumerate(expected.entries):
+        if entry is not None:
+            for name, tensor in entry.tensors().items():
+                shapes[f"layers.{index}.{name}"] = tuple(tensor.shape)
+    for name, shape in shapes.items():
+        if name not in names:
+            continue  # reported with the other missing tensors
+        stored = tuple(file.get_slice(name).get_shape())
+        if stored != shape:
+            raise ValueError(
+                f"{where}: {name} holds shape {stored}, but the header's batch_size "
+                f"{expected.batch_size} and max_seqlen {expected.max_seqlen} give {shape}"
+            )
 
 
 def _load_entry(

@@ -16,6 +16,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from hybrid.atomic import atomic_path, stale_temporaries
+from hybrid.checksum import CHECKPOINT_KEY, structure_digest
 
 # Dense bf16 peak FLOP/s by device name fragment (no sparsity), for MFU on GPU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -64,11 +65,12 @@ class Throughput(pl.Callback):
 
 
 class StopAndSave(pl.Callback):
-    """Writes ``last.ckpt`` at the final step, and turns Ctrl-C into a clean stop.
+    """Writes ``last.ckpt`` at the final step, and turns Ctrl-C and SIGTERM into a clean stop.
 
-    The first SIGINT asks the run to stop: at the end of the current optimizer step (every
-    rank agrees on which: the request is all-reduced) ``last.ckpt`` is written and fit returns,
-    so ``--resume`` continues exactly there. A second Ctrl-C interrupts at once.
+    The first SIGINT or SIGTERM (what ``timeout``, SLURM and ``docker stop`` send) asks the run
+    to stop: at the end of the current optimizer step (every rank agrees on which: the request
+    is all-reduced) ``last.ckpt`` is written and fit returns, so ``--resume`` continues exactly
+    there; ``signal_name`` says which signal it was. A second signal interrupts at once.
     Checkpoints are written from ``on_train_batch_end``, the point Lightning's loops expect to
     resume from.
 
@@ -77,30 +79,40 @@ class StopAndSave(pl.Callback):
         every_steps: the step-checkpoint period (those steps already write ``last.ckpt``).
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, path: Path, every_steps: int) -> None:
         self.path = Path(path)
         self.every_steps = every_steps
         self.requested = False
+        self.signal_name: str | None = None
         self.stopped_step: int | None = None
         self._step = 0
-        self._previous_handler: Any = None
+        self._previous_handlers: dict[int, Any] = {}
 
-    def request_stop(self, *_: Any) -> None:
-        """The SIGINT handler (also callable directly)."""
+    def request_stop(self, signum: int | None = None, *_: Any) -> None:
+        """The SIGINT / SIGTERM handler (also callable directly, without a signal)."""
         self.requested = True
-        if self._previous_handler is not None:  # a second Ctrl-C interrupts at once
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        if signum is not None and self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+        self._restore_handlers()  # a second signal interrupts at once
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self.request_stop)
+            # Replaces Lightning's own SIGTERM handler for the loop (restored afterwards),
+            # which would end fit without a checkpoint.
+            self._previous_handlers = {
+                signum: signal.signal(signum, self.request_stop) for signum in self.SIGNALS
+            }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, _: Any) -> None:
         self.on_train_end(trainer, pl_module)
@@ -123,11 +135,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     beside the target, fsynced and renamed onto it), so a kill at any moment leaves either the
     previous complete file or the new complete file (Lightning's own transaction stages the
     file in the system temp directory and moves it, which is a non-atomic copy across
-    filesystems)."""
+    filesystems). Each carries a digest of its whole content (:func:`hybrid.checksum.
+    structure_digest`), which :func:`hybrid.checkpoint.read_training_checkpoint` checks."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
+        checkpoint = {**checkpoint, CHECKPOINT_KEY: structure_digest(checkpoint)}
         with atomic_path(path) as temporary:
             torch.save(checkpoint, temporary)
 

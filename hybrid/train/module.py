@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from hybrid.config import HybridConfig
 from hybrid.labels import IGNORE_INDEX
 from hybrid.model import HybridLM
 from hybrid.recipe import Recipe
-from hybrid.train.optim import build_optimizer, lr_multiplier
+from hybrid.train.optim import apply_optim_changes, build_optimizer, lr_multiplier
 
 CHECKPOINT_KEY = "hybrid"  # our metadata inside a Lightning checkpoint
 
@@ -23,6 +24,29 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, value: float) -> None:
         super().__init__(f"loss is {value} at step {step}; the run was stopped")
         self.step = step
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A parameter became NaN or infinite (an update from a finite loss can do it: a learning
+    rate or an init far too large); nothing from that step is checkpointed."""
+
+    def __init__(self, step: int, name: str) -> None:
+        RuntimeError.__init__(self, f"parameter {name} is not finite after step {step}; the run "
+                              "was stopped")  # fmt: skip
+        self.step = step
+
+
+def first_non_finite_parameter(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None (one device
+    synchronisation: a norm per parameter, then one check)."""
+    named = [(name, p.detach()) for name, p in module.named_parameters() if p.numel()]
+    if not named:
+        return None
+    norms = torch.stack(torch._foreach_norm([p for _, p in named]))
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
 
 
 class HybridLightningModule(pl.LightningModule):
@@ -174,6 +198,31 @@ class HybridLightningModule(pl.LightningModule):
             self.log("grad_norm", norm, rank_zero_only=True)
         self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The step, then a check that every weight is still finite (before any callback can
+        checkpoint them)."""
+        super().optimizer_step(*args, **kwargs)
+        name = first_non_finite_parameter(self.model)
+        if self.trainer.strategy.reduce_boolean_decision(name is not None, all=False):
+            raise NonFiniteWeightsError(self.trainer.global_step + 1, name or "on another rank")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keeps the optim section the checkpoint was trained with (see on_train_start)."""
+        recipe = checkpoint.get(CHECKPOINT_KEY, {}).get("recipe") or {}
+        self._resumed_optim = recipe.get("optim")
+
+    def on_train_start(self) -> None:
+        """On a resume, the recipe's changed optim settings are applied to the restored
+        optimizer (Lightning restores the old ones), and each change is printed."""
+        saved = getattr(self, "_resumed_optim", None)
+        if not saved:
+            return
+        scheduler = self.lr_schedulers()
+        changes = apply_optim_changes(self.optimizers().optimizer, scheduler, saved,
+                                      self.recipe.optim)  # fmt: skip
+        if changes and self.trainer.is_global_zero:
+            print(f"resume: applied {'; '.join(changes)}", file=sys.stderr, flush=True)
+
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(self.model, self.recipe.optim)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -182,7 +231,11 @@ class HybridLightningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adds what loading needs without the recipe: the model config and the tokenizer."""
+        """Adds what loading needs without the recipe: the model config and the tokenizer.
+        Refuses (NonFiniteWeightsError) to let non-finite weights be written."""
+        name = first_non_finite_parameter(self.model)
+        if name is not None:
+            raise NonFiniteWeightsError(self.trainer.global_step, name)
         checkpoint[CHECKPOINT_KEY] = {
             "format": 1,
             "config": self.config.to_dict(),

@@ -72,3 +72,40 @@ def lr_multiplier(schedule: ScheduleConfig, max_steps: int) -> Callable[[int], f
         return 1 - (1 - floor) * progress
 
     return multiplier
+
+
+def apply_optim_changes(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    saved: dict,
+    optim: OptimConfig,
+) -> list[str]:
+    """After a resume, give the restored optimizer and schedule the recipe's ``optim``
+    settings where they differ from ``saved`` (the ``optim`` section the checkpoint was
+    trained with): lr (peak; the schedule's multiplier of the current step applies), weight
+    decay (of the decayed group), betas and eps. Returns one ``"optim.lr: 0.003 -> 0.001"``
+    per change. (``grad_clip`` and the schedule are read from the recipe at every step.)
+    """
+    changes = []
+    new = optim.model_dump()
+    for key in ("lr", "weight_decay", "betas", "eps"):
+        old = tuple(saved[key]) if key == "betas" else saved.get(key)
+        value = tuple(new[key]) if key == "betas" else new[key]
+        if old is None or old == value:
+            continue
+        changes.append(f"optim.{key}: {old} -> {value}")
+        for group in optimizer.param_groups:
+            if key == "lr":
+                group["initial_lr"] = value
+            elif key == "weight_decay":
+                if group["weight_decay"] != 0:  # the no-decay group keeps 0
+                    group["weight_decay"] = value
+            else:
+                group[key] = value
+        if key == "lr":
+            scheduler.base_lrs = [value for _ in optimizer.param_groups]
+            step = scheduler.last_epoch
+            for group, lmbda in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+                group["lr"] = value * lmbda(step)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes

@@ -12,6 +12,7 @@ Run directory (``{output_dir}/{name}``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,7 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hybrid.memory import require_fits
+from hybrid.outputs import require_output_dir
 from hybrid.recipe import Recipe, recipe_to_yaml, vocab_size
+from hybrid.train.run_lock import check_not_running, run_lock
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -51,6 +55,7 @@ class TrainResult:
     unigram_val_loss: float
     sample: str | None
     interrupted: bool = False
+    signal_name: str | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
     wandb_offline_dir: Path | None = None  # an offline W&B run, for `wandb sync`
     loss_curve: Path | None = None  # RUN/loss_curve.png
 
@@ -107,8 +112,11 @@ def _train(
     from hybrid.train.callbacks import StopAndSave
 
     _quiet_lightning()
+    if not _is_child_process():
+        check_not_running(recipe.run_dir)
     check_run_dir(recipe, resume=resume)
     check_strategy(recipe)
+    check_training_fits(recipe)
     recipe = prepare_init_from(recipe, resume=resume)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
 
@@ -118,21 +126,51 @@ def _train(
         check_resumable(last_checkpoint(recipe), config)
     start_weights = None if resume else initial_weights_of(recipe, config)
 
-    write_run_dir(recipe, data.tokenizer)
-    module = build_module(recipe, config, start_weights, data.tokenizer)
-    loggers, wandb_mode = start_tracking(recipe, module, data.stats, resume=resume)
-    announce_run(recipe, module, data.stats, wandb_mode, resume=resume)
+    lock = contextlib.nullcontext() if _is_child_process() else run_lock(recipe.run_dir)
+    with lock:
+        check_run_dir(recipe, resume=resume)  # again: another run may have ended meanwhile
+        write_run_dir(recipe, data.tokenizer)
+        module = build_module(recipe, config, start_weights, data.tokenizer)
+        loggers, wandb_mode = start_tracking(recipe, module, data.stats, resume=resume)
+        announce_run(recipe, module, data.stats, wandb_mode, resume=resume)
 
-    stopper = StopAndSave(last_checkpoint(recipe), recipe.checkpoint.every_steps)
-    trainer = build_trainer(recipe, config, loggers, stopper, progress_bar, callbacks or [])
-    ckpt_path = last_checkpoint(recipe) if resume else None
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    if stopper.stopped_step is not None:
-        unigram = data.stats["unigram_val_loss"]
-        return TrainResult(
-            recipe.run_dir, stopper.stopped_step, None, unigram, None, interrupted=True
-        )
-    return finish_run(recipe, trainer, module, data, loggers, wandb_mode)
+        stopper = StopAndSave(last_checkpoint(recipe), recipe.checkpoint.every_steps)
+        trainer = build_trainer(recipe, config, loggers, stopper, progress_bar, callbacks or [])
+        ckpt_path = last_checkpoint(recipe) if resume else None
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        if trainer.is_global_zero:
+            prune_step_checkpoints(recipe.run_dir / CHECKPOINT_DIR, recipe.checkpoint.keep)
+        if stopper.stopped_step is not None:
+            unigram = data.stats["unigram_val_loss"]
+            return TrainResult(
+                recipe.run_dir, stopper.stopped_step, None, unigram, None, interrupted=True,
+                signal_name=stopper.signal_name,
+            )  # fmt: skip
+        return finish_run(recipe, trainer, module, data, loggers, wandb_mode)
+
+
+def check_training_fits(recipe: Recipe) -> None:
+    """On the CPU, refuse a run whose weights, gradients and AdamW moments (16 bytes per
+    parameter) and one micro-batch's logits (with their gradient) exceed the free memory,
+    before any data is prepared or any file written. (On GPUs the strategy shards them.)
+
+    Raises:
+        ValueError: one line with the estimate and the free memory.
+    """
+    from hybrid.model import HybridLM
+
+    if _on_gpu(recipe):
+        return
+    config = recipe.hybrid_config(vocab_size(recipe))
+    with torch.device("meta"):
+        parameters = HybridLM(config).num_parameters()
+    tokens = recipe.trainer.micro_batch_size * recipe.data.seq_len
+    nbytes = 16 * parameters + 3 * 4 * tokens * config.vocab_size
+    require_fits(
+        nbytes,
+        f"model (d_model {config.d_model}, vocab_size {config.vocab_size}): training "
+        f"{parameters:,} parameters and the logits of {tokens:,} tokens",
+    )
 
 
 def _is_child_process() -> bool:
@@ -147,6 +185,7 @@ def check_run_dir(recipe: Recipe, *, resume: bool) -> None:
     Raises:
         TrainError: one line naming the checkpoint or the run directory.
     """
+    require_output_dir(recipe.run_dir, "output_dir")
     last = last_checkpoint(recipe)
     if resume and not last.is_file():
         raise TrainError(f"{last}: no checkpoint to resume from")
@@ -255,6 +294,23 @@ def initial_weights_of(recipe: Recipe, config: HybridConfig) -> dict[str, torch.
         raise TrainError(f"init_from: {error}") from None
 
 
+def prune_step_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest ``step*.ckpt`` files (by step; -1 keeps all): a run
+    killed between writing a step checkpoint and removing the oldest leaves one too many,
+    which Lightning's own bookkeeping (restored from last.ckpt) never learns of. Returns the
+    removed paths."""
+    if keep < 0 or not directory.is_dir():
+        return []
+    steps = sorted(
+        (path for path in directory.glob("step*.ckpt") if path.stem[4:].isdigit()),
+        key=lambda path: int(path.stem[4:]),
+    )
+    removed = steps[: max(0, len(steps) - keep)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def write_run_dir(recipe: Recipe, tokenizer: Tokenizer) -> None:
     """Creates the run directory; rank 0 removes what a killed save left in ``checkpoints/``
     and writes ``recipe.yaml`` and the tokenizer."""
@@ -267,6 +323,7 @@ def write_run_dir(recipe: Recipe, tokenizer: Tokenizer) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
+        prune_step_checkpoints(run_dir / CHECKPOINT_DIR, recipe.checkpoint.keep)
         atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
         tokenizer.save(run_dir)
 
@@ -387,6 +444,9 @@ def build_trainer(
         monitor="step",
         mode="max",
         save_last=True,
+        # Overwrite last.ckpt (written by StopAndSave off the grid, or by an earlier launch)
+        # instead of adding last-v1.ckpt, last-v2.ckpt, ...
+        enable_version_counter=False,
     )
     throughput = Throughput(
         tokens_per_step(recipe), training_flops_per_token(config, recipe.data.seq_len)
@@ -468,7 +528,7 @@ def describe_run(
     recipe: Recipe, module, stats: dict, tokens_per_step: int, wandb_mode: str | None, resume: bool
 ) -> str:
     """The lines printed when a run starts."""
-    from hybrid.accounting import human_count
+    from hybrid.units import human_count
 
     model = module.model
     train_tokens = stats.get("train_tokens")

@@ -50,7 +50,10 @@ def build_loggers(
     The CSV log goes to ``run_dir/csv/version_N/metrics.csv`` (one version per launch). The
     W&B run id is kept in ``run_dir/wandb_id`` so that ``--resume`` continues the same run.
     """
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv")]
+    # Every logged row is flushed at once (Lightning's default holds 100 steps in memory), so
+    # a kill -9 loses no row that a resume will not log again.
+    csv = CSVLogger(save_dir=str(run_dir), name="csv", flush_logs_every_n_steps=1)
+    loggers: list[Logger] = [csv]
     if not config.wandb:
         return loggers, None
     from lightning.pytorch.loggers import WandbLogger

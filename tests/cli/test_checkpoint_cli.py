@@ -100,3 +100,16 @@ def test_generate_rejects_bad_sampling_arguments(checkpoint, capsys):
     _, path = checkpoint
     code = main(["generate", "--checkpoint", str(path), "--prompt", "x", "--top-p", "0"])
     assert code == 2 and "top_p: must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("offset_from_end", [1, 1000])
+def test_a_flipped_bit_in_the_weights_fails_loading(checkpoint, offset_from_end):
+    _, path = checkpoint
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    assert len(data) - offset_from_end >= 8 + int.from_bytes(data[:8], "little")
+    data[len(data) - offset_from_end] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor data do not match their "
+                                         "checksum"):  # fmt: skip
+        load_pretrained(path)

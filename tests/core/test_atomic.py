@@ -61,6 +61,25 @@ def test_the_new_file_has_the_permissions_of_a_plain_write(tmp_path):
     assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_written_0600_by_their_writer_follow_the_umask(tmp_path, umask):
+    """safetensors creates its files 0600; checkpoints, model files and caches must not."""
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_text("x")
+        atomic_write(tmp_path / "w.safetensors", lambda t: save_file({"a": torch.ones(1)}, t))
+        atomic_write(tmp_path / "w.pt", lambda t: torch.save({"a": 1}, t))
+    finally:
+        os.umask(previous)
+    assert (plain.stat().st_mode & 0o777) == 0o666 & ~umask
+    for name in ("w.safetensors", "w.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_temporaries_sit_beside_the_target_hidden_and_unique(tmp_path):
     target = tmp_path / "last.ckpt"
     names = {temporary_name(target) for _ in range(100)}

@@ -249,7 +249,7 @@ def set_layer(index, value):
             None,
             "KVCache settings differ",
         ),
-        (set_key("batch_size", 3), None, "layers[0] (SSMCache): cache entry conv_state: saved"),
+        (set_key("batch_size", 3), None, "real_lengths holds shape (2,), but the header's"),
         (
             set_key("dtype", "float64"),
             None,
@@ -352,3 +352,50 @@ def test_saved_tensors_are_named_per_layer_and_field(tmp_path):
     assert header["layers"][3] == {"type": "KVCache", "fields": {"window": None}}
     assert header["layers"][4] is None
     assert header["layers"][0] == {"type": "SSMCache", "fields": {}}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("batch_size", 10**6, r"real_lengths holds shape \(2,\), but the header's batch_size "
+                              r"1000000 and max_seqlen 32 give \(1000000,\)"),
+        ("max_seqlen", 10**9, r"layers\.\d\.\w+ holds shape \(2, .*\), but the header's "
+                              r"batch_size 2 and max_seqlen 1000000000 give"),
+        ("max_seqlen", 33, r"but the header's batch_size 2 and max_seqlen 33 give"),
+    ],
+)  # fmt: skip
+def test_header_sizes_are_checked_against_the_tensors_before_allocating(
+    tmp_path, monkeypatch, key, value, expected
+):
+    model, _, path = saved_cache(tmp_path)
+    rewrite(path, set_key(key, value))
+    allocated = []
+    original = HybridLM.allocate_cache
+
+    def recorded(self, *args, **kwargs):
+        allocated.append(kwargs.get("device"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HybridLM, "allocate_cache", recorded)
+    with pytest.raises(ValueError, match=expected):
+        load_cache(model, path)
+    assert allocated == ["meta"]  # only the shapes, never the memory the header claims
+
+
+def flip_byte_in_tensor_data(path, offset_from_end=1):
+    data = bytearray(path.read_bytes())
+    header_bytes = int.from_bytes(data[:8], "little")
+    position = len(data) - offset_from_end
+    assert position >= 8 + header_bytes  # inside the tensor data, not the header
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("offset_from_end", [1, 100, 4000])
+def test_a_flipped_bit_in_tensor_data_fails_loading(tmp_path, offset_from_end):
+    model, _, path = saved_cache(tmp_path)
+    load_cache(model, path)
+    flip_byte_in_tensor_data(path, offset_from_end)
+    with pytest.raises(ValueError, match=r"cache\.safetensors: tensor data do not match their "
+                                         r"checksum \(the file is damaged\)$"):  # fmt: skip
+        load_cache(model, path)

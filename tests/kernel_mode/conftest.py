@@ -1,9 +1,10 @@
 """The kernel test mode: CPU tensors through the kernel dispatch, with the real upstream code.
 
 Off unless ``HYBRID_KERNEL_MODE=interpret`` (then the tests here are not even collected, so the
-main suite never imports mamba_ssm or triton). On, every test here gets the ``kernels``
-fixture: the three dispatch modules see :func:`tests.kernel_mode.upstream.upstream_ops` as the
-loaded kernels and take the kernel branch for CPU tensors, and every upstream call is recorded.
+main suite never imports mamba_ssm, fla or triton). On, every test here gets the ``kernels``
+fixture: the four dispatch modules see :func:`tests.kernel_mode.upstream.upstream_ops` and
+:func:`~tests.kernel_mode.upstream.fla_upstream_ops` as the loaded kernels and take the kernel
+branch for CPU tensors, and every upstream call is recorded.
 ``HYBRID_DISABLE_KERNELS=1`` still forces the PyTorch paths, which is how
 the ``torch_paths`` fixture gives the tests the CPU path to compare against. See README.md here.
 """
@@ -26,7 +27,7 @@ DISABLE_ENV = "HYBRID_DISABLE_KERNELS"
 if os.environ.get(MODE_ENV) != "interpret":
     collect_ignore_glob = ["test_*.py"]
 else:
-    from tests.kernel_mode.upstream import install, upstream_ops, versions
+    from tests.kernel_mode.upstream import fla_upstream_ops, install, upstream_ops, versions
 
     install()  # before anything imports triton
 
@@ -89,6 +90,11 @@ def kernels(monkeypatch: pytest.MonkeyPatch) -> KernelCalls:
     conv_module = importlib.import_module("layers.ops.conv.dispatch")
     monkeypatch.setattr(conv_module, "causal_conv1d_ops", lambda: conv)
     monkeypatch.setattr(conv_module, "use_kernels", _present_and_enabled)
+    fla = fla_upstream_ops()
+    fla = SimpleNamespace(**{n: _recorded(n, f, calls) for n, f in vars(fla).items()})
+    delta_module = importlib.import_module("layers.ops.delta.dispatch")
+    monkeypatch.setattr(delta_module, "fla_ops", lambda: fla)
+    monkeypatch.setattr(delta_module, "use_kernels", _present_and_enabled)
     return calls
 
 

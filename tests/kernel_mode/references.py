@@ -98,3 +98,33 @@ def causal_conv(x, weight, bias=None, *, silu=False, initial_state=None):
     if silu:
         y = F.silu(y)
     return y, xx[:, :, seqlen:]
+
+
+def gated_delta(q, k, v, g, beta, *, scale=None, initial_state=None, seq_idx=None):
+    """Gated DeltaNet as the paper writes it, state S (d_v, d_k) per value head:
+    S_t = S_{t-1} exp(g_t) (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = scale S_t q_t.
+
+    q/k (b, l, hk, dk), v (b, l, hv, dv) with hv a multiple of hk (value head h reads key head
+    h // (hv // hk)), g/beta (b, l, hv), initial_state (b, hv, dk, dv) (our layout: S^T),
+    seq_idx (b, l): S restarts from zero where it changes. scale None: dk ** -0.5. Returns o
+    (b, l, hv, dv) and the final state (b, hv, dk, dv), float64.
+    """
+    batch, seqlen, nv, dv = v.shape
+    dk = k.shape[-1]
+    scale = dk**-0.5 if scale is None else scale
+    head = torch.arange(nv) // (nv // k.shape[2])
+    eye = torch.eye(dk, dtype=torch.float64)
+    S = torch.zeros(batch, nv, dv, dk, dtype=torch.float64)
+    if initial_state is not None:
+        S = initial_state.double().transpose(-1, -2).clone()
+    outputs = []
+    for t in range(seqlen):
+        if seq_idx is not None and t > 0:
+            S = S * (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None, None, None]
+        qt, kt = q[:, t, head].double(), k[:, t, head].double()  # (b, hv, dk)
+        vt, bt = v[:, t].double(), beta[:, t].double()[..., None, None]
+        decay = torch.exp(g[:, t].double())[..., None, None]
+        kk = kt[..., :, None] * kt[..., None, :]  # (b, hv, dk, dk)
+        S = decay * S @ (eye - bt * kk) + bt * vt[..., :, None] * kt[..., None, :]
+        outputs.append(scale * (S @ qt[..., None])[..., 0])
+    return torch.stack(outputs, 1), S.transpose(-1, -2)

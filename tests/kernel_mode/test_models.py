@@ -28,13 +28,29 @@ MODELS = {
                    "mlp": {"activation": "relu2"},
                    "moe": {"n_experts": 4, "top_k": 2, "router": "sigmoid"},
                    "attention": {"n_heads": 4, "n_kv_heads": 2, "rope": False}},
+    # Qwen3-Next: Gated DeltaNet (two value heads per key head) and gated attention with
+    # partial RoPE and q/k norms, MoE with a gated shared expert.
+    "qwen3_next": {"pattern": "DEDE*E",
+                   "gated_deltanet": {"n_heads": 2, "n_v_heads": 4, "head_k_dim": 16,
+                                      "head_v_dim": 16, "chunk_size": 64},
+                   "moe": {"n_experts": 4, "top_k": 2, "n_shared_experts": 1,
+                           "shared_gate": True},
+                   "attention": {"n_heads": 4, "n_kv_heads": 2, "rope_fraction": 0.25,
+                                 "qk_norm": True, "output_gate": True}},
 }  # fmt: skip
 KERNELS = {
     "bamba": {"mamba_chunk_scan_combined", "causal_conv1d_fn"},
     "jamba": {"selective_scan_fn", "causal_conv1d_fn"},
     "nemotron_h": {"mamba_chunk_scan_combined", "causal_conv1d_fn"},
+    "qwen3_next": {"chunk_gated_delta_rule", "causal_conv1d_fn"},
 }
-n_ssm_layers = {name: sum(s in "MS" for s in m["pattern"]) for name, m in MODELS.items()}
+STEP_KERNEL = {
+    "bamba": "selective_state_update",
+    "jamba": "selective_state_update",
+    "nemotron_h": "selective_state_update",
+    "qwen3_next": "fused_recurrent_gated_delta_rule",
+}
+n_ssm_layers = {name: sum(s in "MSD" for s in m["pattern"]) for name, m in MODELS.items()}
 
 
 def build(name: str) -> HybridLM:
@@ -105,7 +121,7 @@ def test_chunked_prefill_then_decode(name, kernels, torch_paths):
     logits = prefill_and_decode(model, ids, mask, chunk=9, prompt=21)
     steps = 4 * n_ssm_layers[name]
     assert kernels.names.count("causal_conv1d_update") == steps
-    assert kernels.names.count("selective_state_update") == steps
+    assert kernels.names.count(STEP_KERNEL[name]) == steps
     kernels.clear()
     with torch_paths():
         logits_torch = prefill_and_decode(model, ids, mask, chunk=9, prompt=21)
@@ -124,7 +140,7 @@ def test_greedy_generation(name, kernels, torch_paths):
     mask = torch.ones_like(prompt)
     mask[0, :2] = 0
     generated = model.generate(prompt, 6, attention_mask=mask, prefill_chunk_size=8)
-    assert "selective_state_update" in kernels.names
+    assert STEP_KERNEL[name] in kernels.names
     kernels.clear()
     with torch_paths():
         expected = model.generate(prompt, 6, attention_mask=mask, prefill_chunk_size=8)

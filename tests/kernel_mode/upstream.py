@@ -1,6 +1,7 @@
 """The real upstream kernels, runnable on CPU tensors (the kernel test mode's machinery).
 
-mamba-ssm's Triton kernels (``mamba_chunk_scan_combined``, ``selective_state_update``) run
+mamba-ssm's Triton kernels (``mamba_chunk_scan_combined``, ``selective_state_update``) and
+flash-linear-attention's (``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule``) run
 under Triton's interpreter (``TRITON_INTERPRET=1``); the CUDA-only ``selective_scan_fn``,
 ``causal_conv1d_fn`` and ``causal_conv1d_update`` are replaced by upstream's own reference
 implementations, which are their specification and share their signatures.
@@ -11,14 +12,30 @@ What it takes, all process-wide, which is why the mode runs in its own process
 - empty stand-ins in ``sys.modules`` for the compiled extensions ``selective_scan_cuda`` and
   ``causal_conv1d_cuda``, so that the pure-Python parts of both packages import;
 - ``torch.cuda.device`` as a null context and ``torch.cuda.get_device_properties`` as an object
-  with ``multi_processor_count`` (the kernels' launch code calls both);
-- ``triton.autotune`` keeping only its first config (the autotuner benchmarks on a GPU driver),
-  installed before mamba_ssm is imported;
+  with ``multi_processor_count`` (mamba-ssm's launch code calls both);
+- every Triton autotuner keeps only its first config (``Autotuner.prune_configs``: the
+  autotuner benchmarks on a GPU driver). Patched on the class, not on ``triton.autotune``,
+  because fla's ``fla_cache_autotune`` builds its ``CachedAutotuner`` (an ``Autotuner``)
+  without going through ``triton.autotune``; with a single config left Triton runs it
+  without benchmarking. Neither package passes ``prune_configs_by``, so the config kept is
+  each decorator's first;
+- loop indices as Triton tensors in interpreted kernels: Triton 3.9's interpreter runs
+  ``for i in range(n)`` (and ``tl.range``) with Python ints, where the compiler gives int32
+  tensors, and fla's chunk kernels call ``i_t.to(tl.int64)`` on them. The interpreter's AST
+  rewrite (``FunctionRewriter.ast_transformer``, which already wraps assignments in
+  ``to_tensor``) is extended to wrap the index at the top of each such loop body;
+  ``tl.static_range`` indices stay ints (constexprs when compiled);
 - ``TRITON_INTERPRET=1`` before triton is imported.
+
+fla imports without further help: with no GPU driver ``fla.utils`` takes the platform for
+"cpu" (a UserWarning), every ``IS_NVIDIA_*`` flag False, ``check_shared_mem`` False (the
+configs for the smallest shared memory) and ``get_multiprocessor_count`` 1; its
+``input_guard`` enters no device context for CPU tensors (their device index is None).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import os
@@ -26,14 +43,14 @@ import sys
 import types
 from types import SimpleNamespace
 
-__all__ = ["install", "upstream_ops", "versions"]
+__all__ = ["fla_upstream_ops", "install", "upstream_ops", "versions"]
 
 _STAND_IN_EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")
 
 
 @functools.cache
 def install() -> None:
-    """Make mamba_ssm and causal_conv1d importable and their Triton kernels runnable on CPU.
+    """Make mamba_ssm, causal_conv1d and fla importable and their Triton kernels runnable on CPU.
 
     Idempotent. Raises RuntimeError if triton was imported before without the interpreter.
     """
@@ -44,19 +61,45 @@ def install() -> None:
         sys.modules.setdefault(name, types.ModuleType(name))
 
     import torch
-    import triton
+    from triton.runtime import interpreter
+    from triton.runtime.autotuner import Autotuner
 
     torch.cuda.device = lambda index=None: contextlib.nullcontext()  # type: ignore[assignment]
     torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(  # type: ignore[assignment]
         multi_processor_count=os.cpu_count() or 1, name="cpu (Triton interpreter)"
     )
-    autotune = triton.autotune
+    prune_configs = Autotuner.prune_configs
 
-    @functools.wraps(autotune)
-    def first_config_only(configs, *args, **kwargs):
-        return autotune(list(configs)[:1], *args, **kwargs)
+    @functools.wraps(prune_configs)
+    def first_config_only(self, kwargs):
+        return prune_configs(self, kwargs)[:1]
 
-    triton.autotune = first_config_only
+    Autotuner.prune_configs = first_config_only
+    interpreter.FunctionRewriter.ast_transformer = _tensor_loop_indices(interpreter.ASTTransformer)
+
+
+def _tensor_loop_indices(base: type) -> ast.NodeTransformer:
+    """The interpreter's AST rewrite, plus ``i = interpreter_semantic.to_tensor(i, False)`` at
+    the top of every ``for i in range(...)`` / ``tl.range(...)`` body (see the module doc)."""
+
+    class TensorLoopIndices(base):
+        def visit_For(self, node: ast.For) -> ast.For:
+            node = self.generic_visit(node)
+            func = node.iter.func if isinstance(node.iter, ast.Call) else None
+            if getattr(func, "id", getattr(func, "attr", None)) == "range" and isinstance(
+                node.target, ast.Name
+            ):
+                semantic = ast.Name(id="interpreter_semantic", ctx=ast.Load())
+                wrapped = ast.Call(
+                    func=ast.Attribute(value=semantic, attr="to_tensor", ctx=ast.Load()),
+                    args=[ast.Name(id=node.target.id, ctx=ast.Load()), ast.Constant(False)],
+                    keywords=[],
+                )
+                target = ast.Name(id=node.target.id, ctx=ast.Store())
+                node.body.insert(0, ast.Assign(targets=[target], value=wrapped))
+            return node
+
+    return TensorLoopIndices()
 
 
 @functools.cache
@@ -83,10 +126,24 @@ def upstream_ops() -> tuple[SimpleNamespace, SimpleNamespace]:
     return mamba, conv
 
 
+@functools.cache
+def fla_upstream_ops() -> SimpleNamespace:
+    """The namespace that ``layers.ops.delta.fla_ops`` would return on a GPU, runnable on CPU:
+    fla's ``chunk_gated_delta_rule`` and ``fused_recurrent_gated_delta_rule``."""
+    install()
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+    return SimpleNamespace(
+        chunk_gated_delta_rule=chunk_gated_delta_rule,
+        fused_recurrent_gated_delta_rule=fused_recurrent_gated_delta_rule,
+    )
+
+
 def versions() -> dict[str, str]:
     """Versions of the upstream packages the mode runs."""
     install()
     import causal_conv1d
+    import fla
     import mamba_ssm
     import torch
     import triton
@@ -96,4 +153,5 @@ def versions() -> dict[str, str]:
         "triton": triton.__version__,
         "mamba_ssm": mamba_ssm.__version__,
         "causal_conv1d": causal_conv1d.__version__,
+        "fla": fla.__version__,
     }

@@ -36,7 +36,7 @@ def test_defaults_resolve():
         ({"n_heads": 2, "n_v_heads": 3},
          r"^gated_deltanet\.n_v_heads: must be a multiple of n_heads=2; got 3$"),
         ({"head_k_dim": 0}, r"^gated_deltanet\.head_k_dim: must be a positive integer, got 0$"),
-        ({"n_heads": 1.5}, r"^gated_deltanet\.n_heads: must be a positive integer, got 1\.5$"),
+        ({"n_heads": 1.5}, r"^gated_deltanet\.n_heads: must be an integer or null, got 1\.5$"),
         ({"dt_min": 0.5, "dt_max": 0.1}, r"^gated_deltanet\.dt_min: need 0 < dt_min <= dt_max"),
         ({"a_init_range": [0, 4]}, r"^gated_deltanet\.a_init_range: need 0 < low <= high"),
         ({"heads": 2}, r"^gated_deltanet"),

@@ -69,7 +69,7 @@ def test_inner_mixers_take_the_family_options_and_their_own_overrides():
         ([{"block": "parallel", "mixers": ["attention", "mamba2"], "output_multipliers": [1]}],
          r"^layers\[0\]\.parallel\.output_multipliers: needs one per mixer \(2\); got 1$"),
         ([{"block": "parallel", "mixers": ["attention", "mamba2"], "input_multipliers": "x"}],
-         r"^layers\[0\]\.parallel\.input_multipliers: must be a list of numbers; got 'x'$"),
+         r"^layers\[0\]\.parallel\.input_multipliers: must be a list of numbers or null, got 'x'$"),
         ([{"block": "parallel", "mixers": [{"block": "mamba2", "d_stat": 4}, "attention"]}],
          r"^layers\[0\]\.parallel\.mixers\[0\]\.d_stat: unknown option; did you mean 'd_state'"),
         ("P", r"^layers\[0\]\.parallel\.mixers: needs at least two mixers side by side"),

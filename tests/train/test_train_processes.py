@@ -70,7 +70,8 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None
         time.sleep(0.05)
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_recipe):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(tiny_recipe, signum, code):
     path = tiny_recipe(trainer={"max_steps": 400}, checkpoint={"every_steps": 1000})
     run = path.parent / "runs" / "tiny"
     process = subprocess.Popen(
@@ -78,10 +79,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_recipe):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
     )  # fmt: skip
     wait_for(lambda: len(train_losses(run)) >= 3 if run.exists() else False, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-3000:]
-    assert "interrupted at step" in err and "--resume" in err
+    assert process.returncode == code, err[-3000:]
+    assert f"interrupted by {signal.Signals(signum).name} at step" in err and "--resume" in err
     last = run / "checkpoints" / "last.ckpt"
     step = torch.load(last, weights_only=True)["global_step"]
     assert 0 < step < 400
@@ -90,6 +91,35 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_recipe):
     # a changed max_steps changes the schedule, not the model: resuming is allowed
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == step + 2
+
+
+def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tiny_recipe):
+    path = tiny_recipe(trainer={"max_steps": 100_000}, checkpoint={"every_steps": 2, "keep": 1})
+    run = path.parent / "runs" / "tiny"
+    first = subprocess.Popen(
+        [*HYBRID, "train", str(path), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (run / "checkpoints" / "last.ckpt").is_file(), first)
+        for extra in ([], ["--resume"]):
+            second = run_hybrid("train", str(path), *extra, "--no-progress")
+            assert second.returncode == 2, second.stderr[-3000:]
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1, second.stderr[-3000:]
+            assert f"another hybrid train is running in it (PID {first.pid} on" in lines[0]
+            assert "Traceback" not in second.stderr
+            assert first.poll() is None  # the first run goes on
+            assert len(sorted((run / "csv").glob("version_*"))) == 1, "a second log was started"
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+    assert not (run / ".lock.owner").exists()
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    done = run_hybrid("train", str(path), f"trainer.max_steps={step + 1}", "--resume",
+                      "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]  # the lock went with the first process
 
 
 def test_kill_9_never_leaves_an_unloadable_last_checkpoint(tiny_recipe):
@@ -110,6 +140,13 @@ def test_kill_9_never_leaves_an_unloadable_last_checkpoint(tiny_recipe):
         read_training_checkpoint(last)
     leftovers = [p.name for p in last.parent.iterdir() if not p.name.endswith(".ckpt")]
     assert not leftovers or all(name.startswith(".") for name in leftovers), leftovers
+    # Resumed to the end, the CSV log (all launches together) has a loss for every step.
+    final = torch.load(last, weights_only=True)["global_step"] + 2
+    done = run_hybrid("train", str(path), f"trainer.max_steps={final}", "--resume",
+                      "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = train_losses(path.parent / "runs" / "tiny")
+    assert set(range(final)) <= set(logged), sorted(set(range(final)) - set(logged))
 
 
 def test_offline_wandb_run_contains_the_logged_metrics(tiny_recipe):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 
 import lightning.pytorch as pl
@@ -11,10 +12,14 @@ import pytest
 import torch
 import yaml
 
-from hybrid.checkpoint import load_model, read_training_checkpoint
+from hybrid.checkpoint import load_model, read_training_checkpoint, resolve_checkpoint
 from hybrid.cli import main
 from hybrid.recipe import load_recipe, validate_recipe
-from hybrid.train.module import NonFiniteLossError
+from hybrid.train.module import (
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    first_non_finite_parameter,
+)
 from hybrid.train.optim import lr_multiplier
 from hybrid.train.run import train
 from tests.train.conftest import TINY_RECIPE
@@ -43,6 +48,18 @@ class PoisonWeights(pl.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 module.model.final_norm.weight.fill_(float("nan"))
+
+
+class PoisonUpdate(pl.Callback):
+    """Makes the gradients of optimizer step ``step`` infinite: a finite loss whose update
+    turns the weights to NaN (as a learning rate or an init far too large does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_step == self.step:
+            module.model.final_norm.weight.grad.fill_(float("inf"))
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -121,6 +138,29 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(t).all() for t in state.values())
     assert torch.load(last, weights_only=True)["global_step"] == 2
     load_model(last)  # still loads
+
+
+def test_nonfinite_weights_from_a_finite_loss_are_never_checkpointed(tiny_recipe):
+    recipe = load_recipe(tiny_recipe(checkpoint={"every_steps": 1}))
+    message = r"final_norm\.weight is not finite after step 4"
+    with pytest.raises(NonFiniteWeightsError, match=message):
+        train(recipe, progress_bar=False, callbacks=[PoisonUpdate(3)])
+    last = recipe.run_dir / "checkpoints" / "last.ckpt"
+    assert all(torch.isfinite(t).all() for t in weights(last).values())
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    for step_file in (recipe.run_dir / "checkpoints").glob("step*.ckpt"):
+        assert all(torch.isfinite(t).all() for t in weights(step_file).values()), step_file
+
+
+def test_first_non_finite_parameter_names_it():
+    layer = torch.nn.Linear(3, 2)
+    assert first_non_finite_parameter(layer) is None
+    with torch.no_grad():
+        layer.bias[1] = float("nan")
+    assert first_non_finite_parameter(layer) == "bias"
+    with torch.no_grad():
+        layer.weight[0, 0] = float("-inf")
+    assert first_non_finite_parameter(layer) == "weight"
 
 
 def test_generate_from_a_training_checkpoint_without_the_recipe(tiny_recipe, capsys):
@@ -299,3 +339,66 @@ def test_progress_bar_in_a_log_file_redraws_at_the_log_cadence(tiny_recipe, caps
     shown = {step for step in range(7) if f"| {step}/6 [" in out}
     assert shown <= {0, 3, 6} and {3, 6} <= shown, out
     assert out.count("| 3/6 [") == 1, out  # one line per redraw
+
+
+def test_resume_applies_changed_optimizer_settings_and_says_so(tiny_recipe, capsys):
+    path = tiny_recipe(schedule={"kind": "constant", "warmup_steps": 0})
+    first = train(load_recipe(path), progress_bar=False, callbacks=[CtrlCAfter(2)])
+    assert first.interrupted and first.steps == 3
+    capsys.readouterr()
+    changed = load_recipe(path, ["optim.lr=5e-4", "optim.weight_decay=0.02",
+                                 "optim.betas=[0.8,0.9]"])  # fmt: skip
+    train(changed, resume=True, progress_bar=False)
+    err = capsys.readouterr().err
+    assert "resume: applied optim.lr: 0.003 -> 0.0005; optim.weight_decay: 0.1 -> 0.02; " \
+        "optim.betas: (0.9, 0.95) -> (0.8, 0.9)" in err  # fmt: skip
+    lrs = {int(r["step"]): r["lr"] for r in read_metrics(changed.run_dir) if "lr" in r}
+    assert [lrs[s] for s in (0, 1, 2)] == pytest.approx([3e-3] * 3)
+    assert [lrs[s] for s in (3, 4, 5)] == pytest.approx([5e-4] * 3)  # what recipe.yaml says
+    state = torch.load(changed.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    groups = state["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.02, 0.0]
+    assert all(tuple(g["betas"]) == (0.8, 0.9) and g["lr"] == pytest.approx(5e-4) for g in groups)
+    assert yaml.safe_load((changed.run_dir / "recipe.yaml").read_text())["optim"]["lr"] == 5e-4
+
+
+def checkpoint_names(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_off_grid_stops_and_resumes_leave_no_versioned_last_checkpoints(tiny_recipe):
+    """Lightning's ModelCheckpoint, finding a last.ckpt it did not write (StopAndSave's, at a
+    Ctrl-C off the step grid), used to add last-v1.ckpt, last-v2.ckpt, ... at validations."""
+    path = tiny_recipe(trainer={"max_steps": 400, "val_every": 2},
+                       checkpoint={"every_steps": 1000})  # fmt: skip
+    first = train(load_recipe(path), progress_bar=False, callbacks=[CtrlCAfter(3)])
+    assert first.interrupted
+    assert checkpoint_names(first.run_dir) == ["last.ckpt"]
+    train(load_recipe(path), resume=True, progress_bar=False, callbacks=[CtrlCAfter(6)])
+    assert checkpoint_names(first.run_dir) == ["last.ckpt"]
+    train(load_recipe(path, ["trainer.max_steps=9"]), resume=True, progress_bar=False)
+    assert checkpoint_names(first.run_dir) == ["last.ckpt"]
+    last = first.run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 9
+
+
+def test_orphan_step_checkpoints_of_a_killed_run_are_pruned_to_keep(tiny_recipe):
+    path = tiny_recipe(checkpoint={"every_steps": 2, "keep": 2})
+    run = train(load_recipe(path), progress_bar=False).run_dir
+    assert checkpoint_names(run) == ["last.ckpt", "step000004.ckpt", "step000006.ckpt"]
+    # A kill between writing a step file and removing the oldest leaves one too many.
+    shutil.copy(run / "checkpoints" / "step000004.ckpt", run / "checkpoints" / "step000002.ckpt")
+    train(load_recipe(path, ["trainer.max_steps=8"]), resume=True, progress_bar=False)
+    assert checkpoint_names(run) == ["last.ckpt", "step000006.ckpt", "step000008.ckpt"]
+
+
+def test_a_run_killed_while_exporting_falls_back_to_its_last_checkpoint(tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe())
+    run = train(recipe, progress_bar=False).run_dir
+    shutil.rmtree(run / "model")
+    (run / "model").mkdir()
+    (run / "model" / ".model.safetensors.123.abcd.tmp").write_bytes(b"partial")
+    assert resolve_checkpoint(run) == run / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(run), "--prompt", "import", "--max-new-tokens", "3"]
+    assert main(argv) == 0, capsys.readouterr().err

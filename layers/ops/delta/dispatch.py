@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .._common import document_starts
+from .._common import compute_dtype, document_starts
 from ..kernels import needs_autograd, use_kernels
 from .chunk import gated_delta_chunked_torch
 from .step import gated_delta_step_torch
@@ -81,7 +81,9 @@ def gated_delta_rule(
     """
     ops = fla_ops() if use_kernels(q, k, v, g, beta) else None
     varlen_ok = seq_idx is None or (initial_state is None and not return_final_state)
-    if ops is not None and varlen_ok:
+    # fla computes in float32 (its kernels fail on float64 operands): float64 stays here.
+    fp32 = compute_dtype(q, k, v, g, beta, initial_state) == torch.float32
+    if ops is not None and varlen_ok and fp32:
         repeat = v.shape[2] // k.shape[2]
         qr, kr = (t.repeat_interleave(repeat, 2) for t in (q, k))
         extra = {}
@@ -115,15 +117,18 @@ def gated_delta_step(
     scale: float | None = None,
 ) -> torch.Tensor:
     """One token: updates ``state`` in place and returns the output (see
-    :func:`~layers.ops.delta.step.gated_delta_step_torch` for shapes). On CUDA without
-    autograd it runs fla's ``fused_recurrent_gated_delta_rule`` on the one token."""
+    :func:`~layers.ops.delta.step.gated_delta_step_torch` for shapes). On CUDA, without
+    autograd and with no float64 input, it runs fla's ``fused_recurrent_gated_delta_rule`` on
+    the one token."""
     ops = fla_ops() if use_kernels(state, q, k, v) else None
-    if ops is not None and not needs_autograd(q, k, v, g, beta) and state.dtype == torch.float32:
+    fp32 = compute_dtype(state, q, k, v, g, beta) == torch.float32
+    if ops is not None and fp32 and not needs_autograd(q, k, v, g, beta):
         repeat = v.shape[1] // k.shape[1]
         qr, kr = (t.repeat_interleave(repeat, 1).unsqueeze(1) for t in (q, k))
+        # g and beta by name: fla's signature is (q, k, v, g, gk, gv, beta, scale, ...).
         o, final = ops.fused_recurrent_gated_delta_rule(
-            qr, kr, v.unsqueeze(1), g.float().unsqueeze(1), beta.unsqueeze(1), scale=scale,
-            initial_state=state, output_final_state=True,
+            qr, kr, v.unsqueeze(1), g=g.float().unsqueeze(1), beta=beta.unsqueeze(1),
+            scale=scale, initial_state=state, output_final_state=True,
         )  # fmt: skip
         state.copy_(final)
         return o.squeeze(1)
