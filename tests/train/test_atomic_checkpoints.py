@@ -8,16 +8,25 @@ import os
 import pytest
 import torch
 
+from hybrid.checksum import CHECKPOINT_KEY, structure_digest
 from hybrid.recipe import load_recipe
 from hybrid.tokenizer import ByteTokenizer
 from hybrid.train.callbacks import AtomicCheckpointIO, remove_stale_temporaries
 from hybrid.train.run import CHECKPOINT_DIR, write_run_dir
 
 
+def _content(path) -> dict:
+    """The saved checkpoint less its digest, after checking the digest matches the rest."""
+    saved = torch.load(path, weights_only=True)
+    digest = saved.pop(CHECKPOINT_KEY)
+    assert digest == structure_digest(saved)
+    return saved
+
+
 def test_a_save_writes_the_checkpoint_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"  # the directory is made on the way
     AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path)
-    assert torch.load(path, weights_only=True) == {"global_step": 3}
+    assert _content(path) == {"global_step": 3}
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
@@ -35,7 +44,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"global_step": 4}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"global_step": 2}
+    assert _content(path) == {"global_step": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
