@@ -23,6 +23,7 @@ from hybrid.checksum import (
 )
 from hybrid.config import HybridConfig
 from hybrid.model import HybridLM
+from hybrid.outputs import require_output_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -50,10 +51,14 @@ def require_trusted_modules(config: Any, where: str | Path, trust_remote_code: b
 
 
 def save_pretrained(model: HybridLM, directory: str | Path) -> None:
-    """Write ``model``'s config and weights into ``directory`` (created if needed)."""
+    """Write ``model``'s config and weights into ``directory`` (created if needed).
+
+    Raises:
+        ValueError: one line naming ``directory`` if it (or a parent) is a file or not writable.
+    """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
+    directory = require_output_dir(directory, "save_pretrained")
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         name: tensor.detach().contiguous().cpu()

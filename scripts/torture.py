@@ -64,7 +64,7 @@ RECIPE = {
     },
     "optim": {"lr": 3e-3},
     "schedule": {"warmup_steps": 2},
-    "trainer": {"max_steps": 120, "micro_batch_size": 4, "val_every": 1000, "val_batches": 1,
+    "trainer": {"max_steps": 200, "micro_batch_size": 4, "val_every": 1000, "val_batches": 1,
                 "log_every": 1, "threads": 1},
     "logging": {"wandb": False},
     "checkpoint": {"every_steps": 1, "keep": 1},
@@ -93,6 +93,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def torture_kills(work: Path, kills: int, rng: random.Random) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     recipe = work / "recipe.yaml"
     data = {**RECIPE, "output_dir": str(work / "runs"), "data": {**RECIPE["data"],
             "cache_dir": str(work / "cache")}}  # fmt: skip
@@ -108,16 +109,26 @@ def torture_kills(work: Path, kills: int, rng: random.Random) -> dict:
     run = work / "runs" / "killed"
     last = run / "checkpoints" / "last.ckpt"
     loadable, during_write, steps = 0, 0, []
-    for _ in range(kills):
+    for index in range(kills):
         resume = ["--resume"] if last.exists() else []
         process = subprocess.Popen(
             [*HYBRID, "train", str(recipe), "name=killed", "--no-progress", *resume],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment(),
         )  # fmt: skip
+        # Wait for this launch's first checkpoint (a new last.ckpt), then kill either at a random
+        # moment up to 1.5 s later or, every other kill, the moment a checkpoint write begins.
+        before = last.stat().st_mtime_ns if last.exists() else None
         deadline = time.monotonic() + 300
-        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5))
+        while process.poll() is None and time.monotonic() < deadline:
+            if last.exists() and last.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.01)
+        if index % 2:
+            deadline = time.monotonic() + 10
+            while not any(last.parent.glob(".*.tmp")) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
         if process.poll() is not None:  # finished before the kill: the run is too short
             break
         process.send_signal(signal.SIGKILL)
@@ -137,7 +148,7 @@ def torture_kills(work: Path, kills: int, rng: random.Random) -> dict:
     compared = sorted(set(expected) & set(got))
     differing = [step for step in compared if got[step] != expected[step]]
     return {
-        "kills": len(steps) + (kills - len(steps) if loadable < len(steps) else 0),
+        "kills_requested": kills,
         "kills_done": len(steps),
         "last_ckpt_loadable": loadable,
         "kills_with_a_write_in_progress": during_write,
@@ -184,7 +195,22 @@ def torture_inputs() -> dict:
                 failures.append(f"{case.name}: {', '.join(problems)}")
             else:
                 passed += 1
-    return {"cases": len(CASES), "passed": passed, "failures": failures}
+    from tests.core.test_api_errors import API_CASES, check_api_case
+
+    api_failures = []
+    for case in API_CASES:
+        with tempfile.TemporaryDirectory() as directory:
+            problems = check_api_case(case, Path(directory))
+        if problems:
+            api_failures.append(f"{case.name}: {', '.join(problems)}")
+    return {
+        "cases": len(CASES),
+        "passed": passed,
+        "failures": failures,
+        "api_cases": len(API_CASES),
+        "api_passed": len(API_CASES) - len(api_failures),
+        "api_failures": api_failures,
+    }
 
 
 def damaged_copies(path: Path, kind: str, trials: int, rng: random.Random, work: Path):
@@ -289,12 +315,24 @@ def markdown(report: dict) -> str:
         f"{kills['steps_expected']} | {len(kills['steps_with_other_losses'])} | "
         f"{len(kills['steps_missing'])} |",
         "",
-        "## Malformed input (tests/cli/test_user_errors.py, through the `hybrid` process)",
+        f"Killed at steps {', '.join(map(str, kills['steps_at_kills']))} (the step of "
+        f"`last.ckpt` after each kill; every other kill came the moment a checkpoint write "
+        f"began); the final `--resume` exited {kills['final_resume_exit_code']}. Largest loss "
+        f"difference from the run never killed: {kills['max_abs_loss_difference']}.",
         "",
-        f"{inputs['passed']} of {inputs['cases']} cases: exit code 2, one line naming the "
+        "## Malformed input",
+        "",
+        f"CLI (tests/cli/test_user_errors.py, through the `hybrid` process): {inputs['passed']} "
+        f"of {inputs['cases']} cases: exit code 2, one line naming the "
         "field or file, no traceback, nothing written.",
         "",
         *[f"- failed: {failure}" for failure in inputs["failures"]],
+        "",
+        f"Python API (tests/core/test_api_errors.py): {inputs['api_passed']} of "
+        f"{inputs['api_cases']} calls raise a one-line ValueError naming the argument, field "
+        "or file, and write nothing.",
+        "",
+        *[f"- failed: {failure}" for failure in inputs["api_failures"]],
         "",
         "## Damaged files (one bit flipped, or truncated, at a random offset)",
         "",
