@@ -327,13 +327,13 @@ def markdown(report: dict) -> str:
         "field or file, no traceback, nothing written.",
         "",
         *[f"- failed: {failure}" for failure in inputs["failures"]],
-        "",
+        *([""] if inputs["failures"] else []),
         f"Python API (tests/core/test_api_errors.py): {inputs['api_passed']} of "
         f"{inputs['api_cases']} calls raise a one-line ValueError naming the argument, field "
         "or file, and write nothing.",
         "",
         *[f"- failed: {failure}" for failure in inputs["api_failures"]],
-        "",
+        *([""] if inputs["api_failures"] else []),
         "## Damaged files (one bit flipped, or truncated, at a random offset)",
         "",
         "| file | damage | trials | clear one-line error | loaded, identical | loaded, other "
