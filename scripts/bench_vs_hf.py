@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VOCAB = 1024
+CONFIG_ORDER = ["bamba", "jamba", "nemotron_h", "qwen3_next", "falcon_h1"]
 
 
 def hf_config(name: str, kernels: bool = False):
@@ -271,12 +272,49 @@ def replace_section(document: str, section: str, heading: str) -> str:
     return document[:start] + section + rest
 
 
+def merge_earlier(path: Path, results: dict, runs: dict, meta: dict) -> tuple[dict, dict, dict]:
+    """Keep the configs of an earlier run in ``path`` that this run did not measure (on the
+    same device), so that ``--configs a b`` adds to the committed table instead of replacing
+    it. ``meta["measured"]`` says when, and with which transformers, each config was run."""
+    measured = {name: {"date": meta["date"], "transformers": meta["transformers"],
+                       "rounds": meta["rounds"]} for name in results}  # fmt: skip
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier["meta"]["device"] == meta["device"]:
+            for name in earlier:
+                if name not in ("meta", "rounds") and name not in results:
+                    results = {name: earlier[name], **results}
+                    runs = {name: earlier["rounds"][name], **runs}
+                    old = earlier["meta"]
+                    measured[name] = old.get("measured", {}).get(name) or {
+                        "date": old["date"], "transformers": old["transformers"],
+                        "rounds": old.get("rounds", 1)}  # fmt: skip
+    order = [name for name in CONFIG_ORDER if name in results]
+    order += [name for name in results if name not in order]
+    return (
+        {name: results[name] for name in order},
+        {name: runs[name] for name in order},
+        {**meta, "measured": {name: measured[name] for name in order}},
+    )
+
+
 def markdown(results: dict, meta: dict) -> str:
     rounds = meta.get("rounds", 1)
     medians = "medians" if rounds == 1 else f"medians (per metric, then over {rounds} rounds)"
+    runs = {}  # (date, transformers) -> configs measured then
+    for name in results:
+        when = meta.get("measured", {}).get(name) or meta
+        runs.setdefault((when["date"], when["transformers"]), []).append(name)
+    if len(runs) == 1:
+        [(day, version)] = runs
+        measured = f"transformers {version} ({day}, {meta['device']})"
+    else:
+        measured = f"{meta['device']}: " + "; ".join(
+            f"{', '.join(names)} on {day} with transformers {version}"
+            for (day, version), names in runs.items()
+        )
     lines = [
-        f"{meta['heading']}, transformers {meta['transformers']} ({meta['date']}, "
-        f"{meta['device']})",
+        f"{meta['heading']}, {measured}",
         "",
         f"Same random weights in both (transformers model converted with `from_hf`); {medians} "
         "after warm-up; each framework in its own process. Speed-up = hybrid / transformers "
@@ -382,9 +420,9 @@ def main() -> None:
         "rounds": args.rounds,
     }
     docs = ROOT / "docs"
-    (docs / ("bench_vs_hf_cuda.json" if cuda else "bench_vs_hf.json")).write_text(
-        json.dumps({"meta": meta, **results, "rounds": runs}, indent=2)
-    )
+    path = docs / ("bench_vs_hf_cuda.json" if cuda else "bench_vs_hf.json")
+    results, runs, meta = merge_earlier(path, results, runs, meta)
+    path.write_text(json.dumps({"meta": meta, **results, "rounds": runs}, indent=2))
     table = markdown(results, meta)
     benchmarks = docs / "benchmarks.md"
     document = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
