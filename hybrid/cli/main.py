@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run from its checkpoints/last.ckpt"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let the init_from checkpoint's config import the modules it lists (runs their "
+        "code; the recipe's own modules need no flag)",
+    )  # fmt: skip
     generate = commands.add_parser(
         "generate",
         help="stream a continuation of a prompt from a checkpoint",
@@ -165,7 +170,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        result = train(recipe, resume=args.resume, progress_bar=not args.no_progress)
+        result = train(
+            recipe, resume=args.resume, progress_bar=not args.no_progress,
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
     except NonFiniteLossError as error:
         last = last_checkpoint(recipe)
         kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written"

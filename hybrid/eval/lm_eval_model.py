@@ -52,7 +52,7 @@ DEFAULT_MAX_GEN_TOKS = 256
 
 MODEL_ARGS = (
     "checkpoint", "device", "dtype", "batch_size", "max_batch_size", "max_length",
-    "max_gen_toks", "chunk_size", "seed",
+    "max_gen_toks", "chunk_size", "seed", "trust_remote_code",
 )  # fmt: skip
 """The ``--model_args`` keys :class:`HybridEvalLM` takes (``max_batch_size`` is accepted and
 ignored: lm-eval passes it, and only ``batch_size=auto`` would use it)."""
@@ -103,6 +103,15 @@ def _check_checkpoint(checkpoint: Any) -> None:
         raise ModelArgsError(f"model_args: checkpoint {checkpoint}: no such file or directory")
 
 
+def _flag(name: str, value: Any) -> bool:
+    """``value`` (a bool, or the text lm-eval may pass) as a bool."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise ModelArgsError(f"model_args: {name} must be True or False; got {value!r}")
+    return value
+
+
 def _dtype(name: str | None) -> torch.dtype:
     from hybrid.cli.parsing import DTYPES
 
@@ -129,6 +138,8 @@ def check_model_args(options: Mapping[str, Any]) -> None:
     for key in ("max_length", "max_gen_toks", "chunk_size"):
         if options.get(key) is not None:
             _positive_int(key, options[key])
+    if options.get("trust_remote_code") is not None:
+        _flag("trust_remote_code", options["trust_remote_code"])
 
 
 def _device(name: str | torch.device | None) -> torch.device:
@@ -150,7 +161,10 @@ def _device(name: str | torch.device | None) -> torch.device:
 
 
 def _load(
-    checkpoint: str | Path, device: str | torch.device | None, dtype: str | None
+    checkpoint: str | Path,
+    device: str | torch.device | None,
+    dtype: str | None,
+    trust_remote_code: bool = False,
 ) -> tuple[HybridLM, Tokenizer]:
     """The model and tokenizer of ``checkpoint`` (any path :func:`load_model` takes)."""
     from hybrid.checkpoint import load_model
@@ -158,7 +172,10 @@ def _load(
 
     _check_checkpoint(checkpoint)
     try:
-        model = load_model(checkpoint, device=_device(device), dtype=_dtype(dtype))
+        model = load_model(
+            checkpoint, device=_device(device), dtype=_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
         tokenizer = load_tokenizer(checkpoint)
     except ValueError as error:
         raise ModelArgsError(f"model_args: checkpoint {checkpoint}: {error}") from None
@@ -193,6 +210,8 @@ class HybridEvalLM(TemplateLM):
         max_gen_toks: new tokens per ``generate_until`` request unless its task says.
         chunk_size: prefill chunk through the inference cache (bounds the logits' memory).
         seed: seed of sampled generation (greedy needs none).
+        trust_remote_code: let the checkpoint's config import the modules it lists (runs their
+            code; as transformers' ``trust_remote_code``); default False.
 
     Raises:
         ModelArgsError: an unknown or bad argument, one line naming it.
@@ -209,6 +228,7 @@ class HybridEvalLM(TemplateLM):
         max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
         chunk_size: int | str = inference.DEFAULT_CHUNK_SIZE,
         seed: int = 1234,
+        trust_remote_code: bool | str = False,
         max_batch_size: int | None = None,
         **unknown: Any,
     ) -> None:
@@ -229,7 +249,9 @@ class HybridEvalLM(TemplateLM):
                 raise ModelArgsError(
                     "model_args: tokenizer goes with a loaded model; a checkpoint brings its own"
                 )
-            model, tokenizer = _load(checkpoint, device, dtype)
+            model, tokenizer = _load(
+                checkpoint, device, dtype, _flag("trust_remote_code", trust_remote_code)
+            )
             source = checkpoint
         self.model: HybridLM = model
         self.tokenizer: Tokenizer = tokenizer  # type: ignore[assignment]

@@ -22,13 +22,16 @@ def check_init_source(source: str) -> None:
         raise ValueError(f"{source}: no such checkpoint, run or model directory")
 
 
-def initial_weights(source: str, config: HybridConfig) -> dict[str, torch.Tensor]:
+def initial_weights(
+    source: str, config: HybridConfig, *, trust_remote_code: bool = False
+) -> dict[str, torch.Tensor]:
     """The state dict of the model at ``source`` (anything :func:`hybrid.checkpoint.load_model`
     reads: a run directory, our model directory, a ``hybrid train`` ``.ckpt``, a transformers
     directory), for a model built from ``config``.
 
     Only the parameter names and shapes must agree: options that hold no weights (a window, the
     RoPE base, a norm's epsilon) may change, as when fine-tuning for longer contexts.
+    ``trust_remote_code``: as in :func:`hybrid.checkpoint.load_model`.
 
     Raises:
         ValueError: one line naming ``source`` and the first parameter that does not fit.
@@ -36,7 +39,7 @@ def initial_weights(source: str, config: HybridConfig) -> dict[str, torch.Tensor
     from hybrid.checkpoint import load_model
     from hybrid.model import HybridLM
 
-    model = load_model(source)
+    model = load_model(source, trust_remote_code=trust_remote_code)
     state = model.state_dict()
     with torch.device("meta"):
         expected = HybridLM(config).state_dict()

@@ -85,8 +85,13 @@ def train(
     resume: bool = False,
     progress_bar: bool = True,
     callbacks: list | None = None,
+    trust_remote_code: bool = False,
 ) -> TrainResult:
     """Train ``recipe`` (resuming from ``last.ckpt`` with ``resume``).
+
+    ``trust_remote_code``: let an ``init_from`` checkpoint import the modules its config lists
+    (see :func:`hybrid.checkpoint.require_trusted_modules`); the recipe's own ``modules`` are
+    the user's and need no opt-in.
 
     Everything that can be wrong with the recipe or the data is checked before the model is
     built. Raises :class:`TrainError` / ``DataError`` / ``RecipeError`` (one line each) for user
@@ -99,11 +104,19 @@ def train(
     from hybrid.train.cpu import cpu_settings
 
     with cpu_settings(recipe.trainer.threads, recipe.trainer.flush_denormal):
-        return _train(recipe, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+        return _train(
+            recipe, resume=resume, progress_bar=progress_bar, callbacks=callbacks,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
 
 
 def _train(
-    recipe: Recipe, *, resume: bool, progress_bar: bool, callbacks: list | None
+    recipe: Recipe,
+    *,
+    resume: bool,
+    progress_bar: bool,
+    callbacks: list | None,
+    trust_remote_code: bool,
 ) -> TrainResult:
     """The phases of a run, in order: every check before the data is prepared, the data
     before the model, the model before the trainer."""
@@ -124,7 +137,7 @@ def _train(
     config = model_config(recipe, data.tokenizer)
     if resume:
         check_resumable(last_checkpoint(recipe), config)
-    start_weights = None if resume else initial_weights_of(recipe, config)
+    start_weights = None if resume else initial_weights_of(recipe, config, trust_remote_code)
 
     lock = contextlib.nullcontext() if _is_child_process() else run_lock(recipe.run_dir)
     with lock:
@@ -150,27 +163,46 @@ def _train(
 
 
 def check_training_fits(recipe: Recipe) -> None:
-    """On the CPU, refuse a run whose weights, gradients and AdamW moments (16 bytes per
-    parameter) and one micro-batch's logits (with their gradient) exceed the free memory,
-    before any data is prepared or any file written. (On GPUs the strategy shards them.)
+    """Refuse a run that cannot fit, before any data is prepared or any file written.
+
+    On the CPU: weights, gradients and AdamW moments (16 bytes per parameter) and one
+    micro-batch's logits (with their gradient) against the free memory. On GPUs: the float32
+    weights, which are built in host memory first, against the host's free memory; then the
+    16 bytes per parameter (divided over the devices with ``trainer.strategy: fsdp``) and the
+    logits against this process's GPU.
 
     Raises:
         ValueError: one line with the estimate and the free memory.
     """
     from hybrid.model import HybridLM
 
-    if _on_gpu(recipe):
-        return
     config = recipe.hybrid_config(vocab_size(recipe))
     with torch.device("meta"):
         parameters = HybridLM(config).num_parameters()
     tokens = recipe.trainer.micro_batch_size * recipe.data.seq_len
-    nbytes = 16 * parameters + 3 * 4 * tokens * config.vocab_size
+    logits = 3 * 4 * tokens * config.vocab_size
+    model = f"model (d_model {config.d_model}, vocab_size {config.vocab_size})"
+    if not _on_gpu(recipe):
+        require_fits(
+            16 * parameters + logits,
+            f"{model}: training {parameters:,} parameters and the logits of {tokens:,} tokens",
+        )
+        return
+    require_fits(4 * parameters, f"{model}: building {parameters:,} float32 parameters")
+    shards = recipe.trainer.devices * recipe.trainer.num_nodes
+    per_device = 16 * parameters // (shards if recipe.trainer.strategy == "fsdp" else 1)
     require_fits(
-        nbytes,
-        f"model (d_model {config.d_model}, vocab_size {config.vocab_size}): training "
-        f"{parameters:,} parameters and the logits of {tokens:,} tokens",
+        per_device + logits,
+        f"{model}: training {parameters:,} parameters"
+        f"{f' sharded over {shards} devices' if recipe.trainer.strategy == 'fsdp' else ''} "
+        f"and the logits of {tokens:,} tokens",
+        _this_process_gpu(),
     )
+
+
+def _this_process_gpu() -> torch.device:
+    """The CUDA device Lightning gives this process (its local rank)."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _is_child_process() -> bool:
@@ -278,7 +310,9 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> HybridConfig:
     return config
 
 
-def initial_weights_of(recipe: Recipe, config: HybridConfig) -> dict[str, torch.Tensor] | None:
+def initial_weights_of(
+    recipe: Recipe, config: HybridConfig, trust_remote_code: bool = False
+) -> dict[str, torch.Tensor] | None:
     """The ``init_from`` state dict for a model of ``config``; None without ``init_from``.
 
     Raises:
@@ -289,7 +323,7 @@ def initial_weights_of(recipe: Recipe, config: HybridConfig) -> dict[str, torch.
     if not recipe.init_from:
         return None
     try:
-        return initial_weights(recipe.init_from, config)
+        return initial_weights(recipe.init_from, config, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise TrainError(f"init_from: {error}") from None
 

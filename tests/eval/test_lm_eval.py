@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -452,3 +453,26 @@ def test_model_args_errors_from_the_python_api(checkpoint):
         f"checkpoint={checkpoint},batch_size=3", {"batch_size": 1, "device": "cpu"}
     )  # --model_args wins over lm-eval's own flags
     assert lm.batch_size == 3 and lm.device.type == "cpu"
+
+
+def test_a_checkpoints_modules_are_imported_only_with_trust_remote_code(
+    checkpoint, tmp_path, monkeypatch
+):
+    """The module writes a file when imported: without trust_remote_code it never runs."""
+    module = "lab_blocks_for_lm_eval_trust_test"
+    (tmp_path / f"{module}.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_suffix('.ran').write_text('ran')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "modules": [module]}))
+    ran = tmp_path / f"{module}.ran"
+    with pytest.raises(ModelArgsError, match="trust_remote_code=True"):
+        HybridEvalLM.create_from_arg_string(f"checkpoint={copy}")
+    with pytest.raises(ModelArgsError, match="trust_remote_code must be True or False"):
+        HybridEvalLM.create_from_arg_string(f"checkpoint={copy},trust_remote_code=maybe")
+    assert not ran.exists()
+    lm = HybridEvalLM.create_from_arg_string(f"checkpoint={copy},trust_remote_code=True")
+    assert ran.exists() and lm.model.config.modules == [module]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -108,3 +110,27 @@ def test_resume_continues_from_its_own_checkpoint_not_init_from(tiny_recipe):
     train(longer, resume=True, progress_bar=False, callbacks=[seen])
     for name, tensor in own.items():
         torch.testing.assert_close(seen.weights[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_sources_modules_are_imported_only_with_trust_remote_code(
+    tiny_recipe, tmp_path, monkeypatch, capsys
+):
+    """The module writes a file when imported: without --trust-remote-code it never runs."""
+    module = "lab_blocks_for_init_from_trust_test"
+    (tmp_path / f"{module}.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_suffix('.ran').write_text('ran')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = train_source(tiny_recipe).run_dir / "model"
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "modules": [module]}))
+    ran = tmp_path / f"{module}.ran"
+    path = tiny_recipe(name="tuned", init_from=str(source))
+    capsys.readouterr()
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"init_from: {source}" in err and "--trust-remote-code" in err, err
+    assert err.count("\n") == 1 and not ran.exists()
+    assert not (load_recipe(path).run_dir / "checkpoints").exists()
+    assert main(["train", str(path), "--no-progress", "--trust-remote-code"]) == 0
+    assert ran.exists()
