@@ -164,10 +164,12 @@ def _intra_segsum(
     b, c, Q, h, p = xdt.shape
     g = CB.shape[2]
     if heads is None:
-        seg = _segsum_decay(cs.transpose(2, 3)).view(b, c, g, h // g, Q, Q)
+        # contiguous: from a transposed cs the (Q, Q) tensors would be laid out heads
+        # innermost, and the matmul would copy the product into its own layout first.
+        seg = _segsum_decay(cs.transpose(2, 3).contiguous()).view(b, c, g, h // g, Q, Q)
         xs = xdt.view(b, c, Q, g, h // g, p).permute(0, 1, 3, 4, 2, 5)
         return torch.matmul(seg * CB.unsqueeze(3), xs)
-    seg = _segsum_decay(cs[..., heads].transpose(2, 3))  # (b, c, k, Q, Q)
+    seg = _segsum_decay(cs[..., heads].transpose(2, 3).contiguous())  # (b, c, k, Q, Q)
     # One group broadcasts; otherwise gather each selected head's group.
     CBh = CB if g == 1 else CB[:, :, heads // (h // g)]
     return torch.matmul(seg * CBh, xdt[..., heads, :].transpose(2, 3))
