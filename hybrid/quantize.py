@@ -5,7 +5,8 @@ the projections that hold most of the parameters: attention q/k/v/o, MLP and sha
 gate/up/down, MoE expert weights, and the Mamba in/out projections (every ``nn.Linear`` of a
 block, custom blocks included, except the names in :data:`KEEP_FLOAT`). SSM dynamics
 (``A_log``, ``D``, ``dt_bias``, Mamba-1's ``x_proj`` / ``dt_proj``), conv weights, norms,
-MoE routers, embeddings and the output head stay in float unless ``embeddings=True``.
+MoE routers and shared-expert gates, embeddings and the output head stay in float unless
+``embeddings=True``.
 
 Where the work is done:
 
@@ -41,7 +42,8 @@ from layers.quantized import (
     torchao_primitives,
 )
 
-KEEP_FLOAT = ("router", "x_proj", "dt_proj")  # routing and SSM time-step projections
+KEEP_FLOAT = ("router", "shared_gate", "x_proj", "dt_proj")
+"""Routing, the shared expert's gate and the SSM time-step projections stay in float."""
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 INT8_BACKENDS = ("hybrid", "torchao")
 

@@ -216,3 +216,20 @@ def test_compiled_decode_of_a_quantized_model_with_an_int8_cache():
     model.cache_precision = type(model.cache_precision).of(kv_dtype="int8")
     prompt = torch.tensor([[1, 2, 3, 4, 5]])
     assert torch.equal(model.generate(prompt, 8, compile=True), model.generate(prompt, 8))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_shared_experts_gate_stays_float_like_the_router(scheme):
+    torch.manual_seed(0)
+    moe = {"n_experts": 4, "top_k": 2, "expert_hidden_size": 64, "n_shared_experts": 1,
+           "shared_gate": True}  # fmt: skip
+    model = HybridLM(HybridConfig("E", vocab_size=97, d_model=64, moe=moe)).eval()
+    quantize(model, scheme)
+    gates = {n: m for n, m in model.named_modules() if n.endswith(("shared_gate", "router"))}
+    assert len(gates) == 2
+    for name, module in gates.items():
+        assert type(module) is nn.Linear and module.weight.dtype == torch.float32, name
+    shared = {
+        n: type(m) for n, m in model.named_modules() if ".shared." in n and n.endswith("_proj")
+    }
+    assert shared and all(kind is QuantizedLinear for kind in shared.values()), shared
