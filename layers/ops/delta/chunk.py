@@ -113,9 +113,13 @@ def gated_delta_chunked_torch(
         enter = clamped_exp(cs, 0.0).unsqueeze(-1)  # (b, h, c, Q, 1)
         if masks is not None:
             enter = enter * masks[1]
-        rhs = torch.cat([v * beta.unsqueeze(-1), k_beta * enter], -1)
-        solved = torch.linalg.solve_triangular(lower + eye, rhs, upper=False, unitriangular=True)
-        U, W = solved.split([dv, dk], -1)
+        # (I + L)^-1 once, then U and W by matmul: cheaper than solving for both right-hand
+        # sides (LAPACK copies them into its own layout).
+        solve = torch.linalg.solve_triangular(
+            lower + eye, eye.expand_as(lower), upper=False, unitriangular=True
+        )
+        U = solve @ (v * beta.unsqueeze(-1))
+        W = solve @ (k_beta * enter)
         attn = q @ k.transpose(-1, -2) * decay  # (b, h, c, Q, Q)
         q_enter = q * enter
         to_end = clamped_exp(cs[..., -1:] - cs, 0.0).unsqueeze(-1)
