@@ -3,7 +3,6 @@ FLOP counts and matmul rates; the FLOP count is the one the training throughput 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,15 +10,13 @@ import pytest
 
 from hybrid import HybridConfig
 from hybrid.train.run import training_flops_per_token
+from tests.scripts.script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("bench_floor", ROOT / "scripts/bench_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_floor")
 
 
 def committed() -> dict:

@@ -4,22 +4,19 @@ a model actually built and a cache actually allocated."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from hybrid import HybridLM
 from hybrid.recipe import load_recipe
+from tests.scripts.script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("family_table", ROOT / "scripts/family_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("family_table")
 
 
 def test_committed_table_is_current():

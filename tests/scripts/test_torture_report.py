@@ -4,18 +4,16 @@ report is committed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.scripts.script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def torture():
-    spec = importlib.util.spec_from_file_location("torture", ROOT / "scripts/torture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("torture")
 
 
 def report() -> dict:
