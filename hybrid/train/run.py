@@ -190,11 +190,12 @@ def check_training_fits(recipe: Recipe) -> None:
         return
     require_fits(4 * parameters, f"{model}: building {parameters:,} float32 parameters")
     shards = recipe.trainer.devices * recipe.trainer.num_nodes
-    per_device = 16 * parameters // (shards if recipe.trainer.strategy == "fsdp" else 1)
+    sharded = recipe.trainer.strategy == "fsdp"
+    per_device = 16 * parameters // (shards if sharded else 1)
     require_fits(
         per_device + logits,
         f"{model}: training {parameters:,} parameters"
-        f"{f' sharded over {shards} devices' if recipe.trainer.strategy == 'fsdp' else ''} "
+        f"{f' sharded over {shards} devices' if sharded else ''} "
         f"and the logits of {tokens:,} tokens",
         _this_process_gpu(),
     )
