@@ -12,7 +12,10 @@ def format_info(info: ModelInfo) -> str:
     dtype_name = str(info.dtype).removeprefix("torch.")
     scales = " (+ scales)" if info.kv_dtype == "int8" else ""
     kv = "KV and " if info.kv_dtype == dtype_name else f"KV in {info.kv_dtype}{scales}, "
-    header = f"{'idx':>4}  {'sym':^3}  {'block':<10} {'params':>10} {'active':>10} {'cache':>12}"
+    width = max([len("block"), *(len(row.block) for row in info.rows)])  # the longest name
+    header = (
+        f"{'idx':>4}  {'sym':^3}  {'block':<{width}} {'params':>10} {'active':>10} {'cache':>12}"
+    )
     lines = [
         f"pattern {config.pattern_string}  ({len(config.layers)} sublayers, d_model "
         f"{config.d_model}, vocab {config.vocab_size})",
@@ -22,8 +25,9 @@ def format_info(info: ModelInfo) -> str:
     ]
     for row in info.rows:
         lines.append(
-            f"{row.index:>4}  {row.symbol:^3}  {row.block:<10} {human_count(row.parameters):>10} "
-            f"{human_count(row.active_parameters):>10} {human_bytes(row.cache_bytes):>12}"
+            f"{row.index:>4}  {row.symbol:^3}  {row.block:<{width}} "
+            f"{human_count(row.parameters):>10} {human_count(row.active_parameters):>10} "
+            f"{human_bytes(row.cache_bytes):>12}"
         )
     lines += [
         "-" * len(header),

@@ -115,3 +115,18 @@ def test_argument_errors_of_every_command_are_one_line(capsys, argv, start):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(start) and err.count("\n") == 1, err
+
+
+def test_info_columns_align_with_long_block_names(capsys):
+    """A block name longer than the header's column (gated_deltanet) widens it: every row's
+    numbers end where the header's do."""
+    code, out, _ = run(capsys, "info", "recipes/qwen3_next_like.yaml", "--context", "1024")
+    assert code == 0
+    lines = out.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("idx"))
+    rows = [line for line in lines if line[:4].strip().isdigit()]
+    assert any("gated_deltanet" in row for row in rows)
+    ends = {header.index(name) + len(name) for name in ("params", "active", "cache")}
+    for row in rows:
+        assert len(row) == len(header), row
+        assert all(row[end - 1] != " " and (end == len(row) or row[end] == " ") for end in ends)
