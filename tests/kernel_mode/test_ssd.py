@@ -2,8 +2,8 @@
 for sequences, ``selective_state_update`` for decode steps; each against our CPU path and the
 float64 recurrence of references.py.
 
-Not covered: ``seq_idx`` (several documents in one row). Neither the ops nor the model pass
-it; packed documents are separated by the attention mask only.
+``seq_idx`` (several documents in one row, the state restarting at each): the kernel against
+our CPU path and against each document scanned alone by the float64 recurrence.
 """
 
 from __future__ import annotations
@@ -181,3 +181,47 @@ def test_step_keeps_the_torch_path_where_the_kernel_does_not_apply(kernels):
     with torch.inference_mode():
         ssd_step(state, *args, dt_softplus=True)
     assert kernels.names == ["selective_state_update"]
+
+
+def test_scan_with_documents(kernels, torch_paths):
+    """Packed rows: the kernel (given seq_idx as int32) equals the CPU path, forward and
+    backward, and every document equals the float64 recurrence run on it alone."""
+    case = {"D": "head", "z": True, "dt_bias": True, "dt_softplus": True}
+    data = make(37, 2)
+    starts = [[0, 10, 21], [0, 30]]  # documents cross chunk borders (CHUNK = 16)
+    seq_idx = torch.zeros(2, 37, dtype=torch.long)
+    for row, row_starts in enumerate(starts):
+        for start in row_starts[1:]:
+            seq_idx[row, start:] += 1
+
+    def packed(x, dt, A, B, C, **kw):
+        return ssd_scan(x, dt, A, B, C, chunk_size=CHUNK, seq_idx=seq_idx, **kw)
+
+    def run(scan):
+        leaves = {k: v.clone().requires_grad_() for k, v in data.items()}
+        y = scan(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
+                 **options(leaves, case))  # fmt: skip
+        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        (y * weight).sum().backward()
+        return y.detach(), {k: v.grad for k, v in leaves.items() if v.grad is not None}
+
+    kernel_y, kernel_grads = run(packed)
+    assert kernels.names == ["mamba_chunk_scan_combined"]
+    with torch_paths():
+        torch_y, torch_grads = run(packed)
+    torch.testing.assert_close(kernel_y, torch_y, rtol=1e-4, atol=1e-4)
+    assert kernel_grads.keys() == torch_grads.keys()
+    for name, grad in kernel_grads.items():
+        scale = torch_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, torch_grads[name], rtol=1e-3, atol=1e-4 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+
+    for row, row_starts in enumerate(starts):
+        for start, end in zip(row_starts, [*row_starts[1:], 37], strict=True):
+            piece = {k: v.double() for k, v in data.items()}
+            for name in ("x", "dt", "B", "C", "z"):
+                piece[name] = piece[name][row : row + 1, start:end]
+            y_alone, _ = references.ssd(piece["x"], piece["dt"], piece["A"], piece["B"],
+                                        piece["C"], **options(piece, case))  # fmt: skip
+            torch.testing.assert_close(kernel_y[row : row + 1, start:end].double(), y_alone,
+                                       rtol=1e-4, atol=1e-4)  # fmt: skip
