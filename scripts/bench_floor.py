@@ -28,7 +28,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_train import matmul_rate  # noqa: E402
-from bench_vs_hf import VOCAB, hf_config  # noqa: E402
+from bench_vs_hf import VOCAB, hf_config, timed, train_step  # noqa: E402
 
 PREFILL = (1, 1024)  # (batch, seqlen) of the prefill
 TRAIN = (4, 512)  # of the training step, as bench_vs_hf.py
@@ -81,22 +80,11 @@ def steps(model: torch.nn.Module) -> dict[str, Callable[[], None]]:
         with torch.inference_mode():
             model(prompt)
 
-    def train_step() -> None:
+    def training() -> None:
         model.train()
-        logits = model(batch).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()
-        )
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        train_step(model, batch)
 
-    return {"prefill": prefill, "train_step": train_step}
-
-
-def timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    return {"prefill": prefill, "train_step": training}
 
 
 def measure(name: str, repeats: int) -> dict:

@@ -193,20 +193,21 @@ def measure(
             result["decode_ms_per_token"] = decode_ms(compile=True)
     model.train()
     batch = torch.randint(0, VOCAB, (4, 512), device=device)
-
-    def train_step() -> None:
-        logits = model(batch).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()
-        )
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    result["train_tokens_per_s"] = batch.numel() / median_seconds(train_step, repeats)
+    result["train_tokens_per_s"] = batch.numel() / median_seconds(
+        lambda: train_step(model, batch), repeats
+    )
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
+
+
+def train_step(model: torch.nn.Module, batch: torch.Tensor) -> None:
+    """One forward + backward of the next-token loss over ``batch`` (the gradients dropped)."""
+    logits = model(batch).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 def first_call(model, prompt: torch.Tensor, repeats: int) -> dict:

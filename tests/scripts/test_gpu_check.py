@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.scripts.script_module import load_script
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from tests.scripts.script_module import SCRIPTS, load_script
 
 
 @pytest.fixture(scope="module")
