@@ -33,7 +33,7 @@ BUILTIN_FAMILIES = (
 # Fields checked against their annotation before anything else reads them.
 SCALAR_FIELDS = (
     "vocab_size", "d_model", "norm_eps", "tie_embeddings", "init_std", "embedding_multiplier",
-    "residual_multiplier", "logit_multiplier", "modules",
+    "residual_multiplier", "logit_multiplier", "post_norm_sublayers", "modules",
 )  # fmt: skip
 
 
@@ -77,6 +77,9 @@ class HybridConfig:
             to the residual stream (Granite).
         logit_multiplier: the logits are multiplied by it (Falcon-H1's lm_head_multiplier;
             Granite divides by its logits_scaling).
+        post_norm_sublayers: indices of the sublayers whose norm comes after their block,
+            ``x + multiplier * norm(block(x))`` (OLMo 2's norm placement, used by OLMo
+            hybrid's attention layers); every other sublayer is pre-norm.
         modules: modules imported before the pattern is resolved, so that blocks they register
             can be named (e.g. ``["my_lab.blocks"]``).
 
@@ -105,6 +108,7 @@ class HybridConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logit_multiplier: float = 1.0
+    post_norm_sublayers: list[int] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -164,6 +168,18 @@ class HybridConfig:
             self.layers.append(name)
             self.layer_options.append(resolve_block(name, overrides, where))
         self._check_positions()
+        for index in self.post_norm_sublayers:
+            require(
+                0 <= index < len(parsed),
+                "post_norm_sublayers",
+                f"index {index} is not a sublayer index in [0, {len(parsed)})",
+            )
+        require(
+            len(set(self.post_norm_sublayers)) == len(self.post_norm_sublayers),
+            "post_norm_sublayers",
+            f"lists a sublayer twice: {self.post_norm_sublayers}",
+        )
+        self.post_norm_sublayers = sorted(self.post_norm_sublayers)
 
     def _check_positions(self) -> None:
         """Sinusoidal positions are one encoding added to the embeddings: all or none."""
@@ -232,6 +248,8 @@ class HybridConfig:
             "d_model": self.d_model,
             "tie_embeddings": self.tie_embeddings,
         }
+        if self.post_norm_sublayers:  # left out when empty: older fingerprints stay as they were
+            resolved["post_norm_sublayers"] = self.post_norm_sublayers
         text = json.dumps(resolved, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

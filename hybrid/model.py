@@ -39,13 +39,22 @@ class HybridOutput:
 
 
 class Sublayer(nn.Module):
-    """Pre-norm residual wrapper: ``x + multiplier * block(norm(x))``."""
+    """Residual wrapper: ``x + multiplier * block(norm(x))`` (pre-norm), or with ``post_norm``
+    ``x + multiplier * norm(block(x))`` (OLMo 2's placement)."""
 
-    def __init__(self, block: Block, d_model: int, eps: float, multiplier: float = 1.0) -> None:
+    def __init__(
+        self,
+        block: Block,
+        d_model: int,
+        eps: float,
+        multiplier: float = 1.0,
+        post_norm: bool = False,
+    ) -> None:
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
         self.block = block
         self.multiplier = multiplier
+        self.post_norm = post_norm
         # Per-token blocks (and simple user blocks) take ``hidden`` alone.
         self.takes_context = "context" in inspect.signature(block.forward).parameters
 
@@ -55,7 +64,7 @@ class Sublayer(nn.Module):
         cache: CacheEntry | None = None,
         context: TokenContext | None = None,
     ) -> tuple[torch.Tensor, BlockOutput | None]:
-        normed = self.norm(hidden)
+        normed = hidden if self.post_norm else self.norm(hidden)
         if self.takes_context and (cache is not None or context is not None):
             out = self.block(normed, cache=cache, context=context)
         else:
@@ -63,6 +72,8 @@ class Sublayer(nn.Module):
         extra = out if isinstance(out, BlockOutput) else None
         if extra is not None:
             out = out.hidden
+        if self.post_norm:
+            out = self.norm(out)
         if self.multiplier != 1:
             out = out * self.multiplier
         return hidden + out, extra
@@ -135,6 +146,7 @@ class HybridLM(GenerationMixin, nn.Module):
                 config.d_model,
                 config.norm_eps,
                 config.residual_multiplier,
+                post_norm=index in config.post_norm_sublayers,
             )
             for index, (name, options) in enumerate(
                 zip(config.layers, config.layer_options, strict=True)

@@ -20,6 +20,7 @@ from layers.rope import RotaryEmbedding
 from layers.rope_scaling import check_scaling
 
 POSITIONS = ("rope", "none", "alibi", "sinusoidal")
+QK_NORM_SCOPES = ("head", "projection")
 
 
 @dataclass
@@ -51,8 +52,11 @@ class AttentionOptions:
             None is full causal attention.
         qkv_bias: biases on the q, k, v projections.
         out_bias: bias on the output projection.
-        qk_norm: RMSNorm each query and key head (one weight of head_dim each for q and k)
-            before RoPE, as Qwen3, Qwen3-Next and OLMo 2 do.
+        qk_norm: RMSNorm the queries and keys before RoPE (Qwen3, Qwen3-Next, OLMo 2).
+        qk_norm_scope: what one of those norms spans: ``head`` (each head on its own, one
+            weight of head_dim for q and one for k: Qwen3, Qwen3-Next) or ``projection`` (the
+            whole q projection, n_heads * head_dim channels, and the whole k projection,
+            n_kv_heads * head_dim: OLMo 2 and OLMo hybrid).
         qk_norm_eps: epsilon of those norms.
         output_gate: multiply the attention output by sigmoid(gate_proj(x)), one gate per
             channel of every head (Qwen3-Next's gated attention).
@@ -72,6 +76,7 @@ class AttentionOptions:
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
     qk_norm_eps: float = 1e-6
     output_gate: bool = False
     softmax_scale: float | None = None
@@ -131,6 +136,11 @@ class AttentionOptions:
             )
         require(
             self.qk_norm_eps > 0, f"{where}.qk_norm_eps", f"must be > 0; got {self.qk_norm_eps}"
+        )
+        require(
+            self.qk_norm_scope in QK_NORM_SCOPES,
+            f"{where}.qk_norm_scope",
+            f"must be one of {', '.join(QK_NORM_SCOPES)}; got {self.qk_norm_scope!r}",
         )
         if self.softmax_scale is not None:
             scale = require_finite_number(self.softmax_scale, f"{where}.softmax_scale")
@@ -443,8 +453,9 @@ class Attention(Block):
         if options.output_gate:
             self.gate_proj = nn.Linear(d_model, heads * head_dim, bias=options.qkv_bias)
         if options.qk_norm:
-            self.q_norm = RMSNorm(head_dim, options.qk_norm_eps)
-            self.k_norm = RMSNorm(head_dim, options.qk_norm_eps)
+            whole = options.qk_norm_scope == "projection"
+            self.q_norm = RMSNorm(heads * head_dim if whole else head_dim, options.qk_norm_eps)
+            self.k_norm = RMSNorm(kv_heads * head_dim if whole else head_dim, options.qk_norm_eps)
         self.rotary = (
             RotaryEmbedding(
                 head_dim,
@@ -479,10 +490,12 @@ class Attention(Block):
     ) -> torch.Tensor:
         opts = self.options
         heads = (-1, opts.head_dim)  # (b, l, h * d) -> (b, l, h, d)
-        q = self.q_proj(hidden).unflatten(-1, heads)
-        k = self.k_proj(hidden).unflatten(-1, heads)
+        q, k = self.q_proj(hidden), self.k_proj(hidden)
+        if opts.qk_norm and opts.qk_norm_scope == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.unflatten(-1, heads), k.unflatten(-1, heads)
         v = self.v_proj(hidden).unflatten(-1, heads)
-        if opts.qk_norm:
+        if opts.qk_norm and opts.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             positions = (

@@ -37,6 +37,9 @@ class GatedDeltaNetOptions:
         d_conv: width of the short causal conv over q, k, v.
         conv_bias: bias on that conv (Qwen3-Next: none).
         output_gate: gate the normalised output with silu(z) (Qwen3-Next, fla: yes).
+        allow_neg_eigval: ``beta = 2 * sigmoid(b)``, in (0, 2), so the state transition
+            ``I - beta k k^T`` may have a negative eigenvalue (Grazzi et al. 2025; fla's and
+            OLMo hybrid's ``allow_neg_eigval``); False: ``beta = sigmoid(b)``.
         chunk_size: tokens per chunk of the chunked scan (speed only).
         dt_min / dt_max / dt_init_floor: range of the initial decay time step (as Mamba).
         a_init_range: A initialised uniformly in this range (decay rate exp(A_log)).
@@ -50,6 +53,7 @@ class GatedDeltaNetOptions:
     d_conv: int = 4
     conv_bias: bool = False
     output_gate: bool = True
+    allow_neg_eigval: bool = False
     chunk_size: int = 64
     dt_min: float = 0.001
     dt_max: float = 0.1
@@ -138,6 +142,8 @@ class GatedDeltaNet(Block):
         k = _l2norm(rearrange(k, "b l (h d) -> b l h d", d=opts.head_k_dim))
         v = rearrange(v, "b l (h d) -> b l h d", d=opts.head_v_dim)
         beta = torch.sigmoid(b)
+        if opts.allow_neg_eigval:
+            beta = 2 * beta
         g = state_matrix(self) * F.softplus(upcast(a) + upcast(self.dt_bias))  # (b, l, nv)
         if valid is not None:  # beta = 0, g = 0 at padding: the state does not change there
             beta, g = beta * valid, g * valid

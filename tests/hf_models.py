@@ -322,3 +322,32 @@ def granitemoehybrid_config(**overrides):
         logits_scaling=1.8,
     )
     return GraniteMoeHybridConfig(**{**values, **overrides})
+
+
+def olmo_hybrid_config(**overrides):
+    """``D- *- D- D-``: Gated DeltaNet with two value heads per key head, value heads wider than
+    key heads and a conv of 3, negative eigenvalues allowed (beta in (0, 2)); OLMo 2 attention
+    (post-norms, q / k norms over whole projections) with GQA and RoPE."""
+    from transformers import OlmoHybridConfig
+
+    values = dict(
+        vocab_size=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-3,
+        rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_conv_kernel_dim=3,
+        linear_allow_neg_eigval=True,
+        tie_word_embeddings=False,
+    )
+    return OlmoHybridConfig(**{**values, **overrides})

@@ -5,8 +5,8 @@
 directory, model_type)`` writes one that transformers loads.
 
 One module per model type (llama, mamba, falcon_mamba, mamba2, bamba, jamba, nemotron_h,
-falcon_h1, granitemoehybrid, lfm2, qwen3_next: :class:`Converter`; falcon_mamba is mamba's
-plain Mamba-1 stack with weight-free inner norms), each its tensor names as one table
+falcon_h1, granitemoehybrid, lfm2, qwen3_next, olmo_hybrid: :class:`Converter`; falcon_mamba
+is mamba's plain Mamba-1 stack with weight-free inner norms), each its tensor names as one table
 (:mod:`~hybrid.convert.mapping`: the engine that applies a table in both directions), built
 from the block families several types share (:mod:`~hybrid.convert.blocks`: attention, MLP,
 Mamba-2 / Mamba-1 mixers, experts, Qwen3-Next's fused projections, and their config keys);
@@ -45,6 +45,7 @@ CONVERTERS = {
     "granitemoehybrid": "granitemoehybrid",
     "lfm2": "lfm2",
     "qwen3_next": "qwen3_next",
+    "olmo_hybrid": "olmo_hybrid",
 }
 
 

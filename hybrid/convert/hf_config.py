@@ -188,10 +188,13 @@ EXTENDED_OPTIONS = {
     "embedding_multiplier": 1.0,
     "residual_multiplier": 1.0,
     "logit_multiplier": 1.0,
+    "post_norm_sublayers": [],
     "attention.softmax_scale": None,
     "attention.qk_norm": False,
+    "attention.qk_norm_scope": "head",
     "attention.output_gate": False,
     "moe.shared_gate": False,
+    "gated_deltanet.allow_neg_eigval": False,
     "mamba2.rmsnorm": True,
     "mamba2.norm_before_gate": False,
 }

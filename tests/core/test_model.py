@@ -66,6 +66,58 @@ def test_multipliers_scale_embeddings_residual_writes_and_logits():
     torch.testing.assert_close(torch.cat(steps, 1), expected)
 
 
+def test_post_norm_sublayers_normalise_the_block_output():
+    """``post_norm_sublayers`` (OLMo 2's placement): ``x + m * norm(block(x))`` there,
+    ``x + m * block(norm(x))`` elsewhere, in the forward and the cached path alike."""
+    torch.manual_seed(0)
+    config = HybridConfig("M-*-", **SMALL, post_norm_sublayers=[3, 2], residual_multiplier=0.5)
+    assert config.post_norm_sublayers == [2, 3]
+    model = HybridLM(config).double()
+    for sublayer in model.sublayers:  # norm weights away from 1, so a misplaced norm shows
+        torch.nn.init.uniform_(sublayer.norm.weight, 0.5, 1.5)
+    ids = torch.randint(0, 50, (2, 9))
+
+    def rms(x, weight):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+
+    hidden = model.embedding.weight[ids]
+    for index, sublayer in enumerate(model.sublayers):
+        if index >= 2:
+            hidden = hidden + 0.5 * rms(sublayer.block(hidden), sublayer.norm.weight)
+        else:
+            hidden = hidden + 0.5 * sublayer.block(rms(hidden, sublayer.norm.weight))
+    expected = rms(hidden, model.final_norm.weight) @ model.lm_head.weight.T
+    torch.testing.assert_close(model(ids).logits, expected)
+    cache = model.allocate_cache(2, 9)
+    steps = [model(ids[:, :5], cache=cache).logits]
+    steps += [model(ids[:, i : i + 1], cache=cache).logits for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), expected)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([4], r"^post_norm_sublayers: index 4 is not a sublayer index in \[0, 4\)$"),
+        ([1, 1], r"^post_norm_sublayers: lists a sublayer twice: \[1, 1\]$"),
+        ("1", r"^post_norm_sublayers: must be"),
+        ([True], r"^post_norm_sublayers: must be"),
+    ],
+)
+def test_post_norm_sublayers_errors(value, message):
+    with pytest.raises(ValueError, match=message):
+        HybridConfig("M-*-", **SMALL, post_norm_sublayers=value)
+
+
+def test_post_norm_sublayers_enter_the_fingerprint_only_when_set():
+    plain = HybridConfig("M-*-", **SMALL)
+    assert HybridConfig("M-*-", **SMALL, post_norm_sublayers=[]).fingerprint() == (
+        plain.fingerprint()
+    )
+    assert HybridConfig("M-*-", **SMALL, post_norm_sublayers=[2]).fingerprint() != (
+        plain.fingerprint()
+    )
+
+
 @pytest.mark.parametrize(
     "field, value", [("embedding_multiplier", "2"), ("logit_multiplier", float("nan")),
                      ("residual_multiplier", True)],

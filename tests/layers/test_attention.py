@@ -75,6 +75,14 @@ def attention_block_reference(block, x):
         q = q + block.q_proj.bias.view(opts.n_heads, opts.head_dim)
         k = k + block.k_proj.bias.view(opts.n_kv_heads, opts.head_dim)
         v = v + block.v_proj.bias.view(opts.n_kv_heads, opts.head_dim)
+    if opts.qk_norm:  # RMSNorm over each head, or over all heads of the projection together
+        dims = (-1,) if opts.qk_norm_scope == "head" else (-2, -1)
+
+        def rms(t, weight):
+            scale = torch.rsqrt(t.square().mean(dims, keepdim=True) + opts.qk_norm_eps)
+            return t * scale * weight.view(t.shape[-len(dims) :])
+
+        q, k = rms(q, block.q_norm.weight), rms(k, block.k_norm.weight)
     if opts.rope:
         rotary_dim = int(opts.head_dim * opts.rope_fraction)
         q, k = (
@@ -109,12 +117,17 @@ def attention_block_reference(block, x):
         {"n_heads": 2, "position": "alibi", "qkv_bias": True},
         {"n_heads": 4, "n_kv_heads": 2, "softmax_scale": 0.9},  # Granite's attention_multiplier
         {"n_heads": 4, "position": "alibi", "softmax_scale": 0.05},
+        {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "qk_norm_eps": 1e-3},  # Qwen3
+        {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "qk_norm_scope": "projection"},  # OLMo 2
     ],
 )
 def test_attention_block_matches_reference(options):
     torch.manual_seed(1)
     config = HybridConfig("*", vocab_size=8, d_model=32, attention=options)
     block = Attention(32, config.layer_options[0], 0).double()
+    if options.get("qk_norm"):
+        for norm in (block.q_norm, block.k_norm):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     if options.get("qkv_bias"):
         for proj in (block.q_proj, block.k_proj, block.v_proj):
             torch.nn.init.normal_(proj.bias)
@@ -137,3 +150,9 @@ def test_fill_random_sets_the_slots_a_prefill_would(window, length):
     kept = filled.key_index >= 0  # (batch, capacity)
     for tensor in (filled.keys, filled.values):
         assert torch.equal(tensor.ne(0).any(-1).any(1), kept)
+
+
+def test_bad_qk_norm_scope_fails_with_one_line():
+    with pytest.raises(ValueError, match=r"^attention\.qk_norm_scope: must be one of head, "
+                       r"projection; got 'heads'$"):  # fmt: skip
+        HybridConfig("*", vocab_size=8, d_model=16, attention={"qk_norm_scope": "heads"})

@@ -40,6 +40,7 @@ def test_defaults_resolve():
         ({"dt_min": 0.5, "dt_max": 0.1}, r"^gated_deltanet\.dt_min: need 0 < dt_min <= dt_max"),
         ({"a_init_range": [0, 4]}, r"^gated_deltanet\.a_init_range: need 0 < low <= high"),
         ({"heads": 2}, r"^gated_deltanet"),
+        ({"allow_neg_eigval": 1}, r"^gated_deltanet\.allow_neg_eigval: must be"),
     ],
 )  # fmt: skip
 def test_bad_options(options, message):
@@ -47,11 +48,16 @@ def test_bad_options(options, message):
         block(**options)
 
 
-def test_block_matches_float64_recurrence():
+@pytest.mark.parametrize("allow_neg_eigval", [False, True])
+def test_block_matches_float64_recurrence(allow_neg_eigval):
     """The whole block (projections, conv, norms, gate) in float64 against the same steps
-    written out with the token-by-token recurrence."""
+    written out with the token-by-token recurrence; with ``allow_neg_eigval`` beta is
+    2 sigmoid(b), in (0, 2)."""
     torch.manual_seed(0)
-    ours, _ = block(n_heads=2, n_v_heads=4, head_k_dim=8, head_v_dim=4, chunk_size=4)
+    ours, _ = block(
+        n_heads=2, n_v_heads=4, head_k_dim=8, head_v_dim=4, chunk_size=4,
+        allow_neg_eigval=allow_neg_eigval,
+    )  # fmt: skip
     ours = ours.double()
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     opts = ours.options
@@ -64,7 +70,7 @@ def test_block_matches_float64_recurrence():
     q, k = (t / (t.square().sum(-1, keepdim=True) + 1e-6).sqrt() for t in (q, k))  # fla's l2norm
     v = rearrange(v, "b l (h d) -> b l h d", d=4)
     g = -ours.A_log.exp() * F.softplus(a + ours.dt_bias)
-    o, _ = gated_delta_naive(q, k, v, g, b.sigmoid())
+    o, _ = gated_delta_naive(q, k, v, g, b.sigmoid() * (2 if allow_neg_eigval else 1))
     o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + opts.norm_eps) * ours.norm.weight
     o = o * F.silu(rearrange(z, "b l (h d) -> b l h d", d=4))
     expected = ours.out_proj(rearrange(o, "b l h d -> b l (h d)"))

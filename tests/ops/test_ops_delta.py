@@ -52,6 +52,21 @@ def test_chunked_matches_recurrence(batch, seqlen, nk, nv, dk, dv, chunk, with_s
     torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_matches_recurrence_with_negative_eigenvalues(chunk):
+    """beta in (0, 2) (``allow_neg_eigval``): the transition I - beta k k^T can have an
+    eigenvalue in (-1, 0); the chunked form still matches the recurrence, state and all."""
+    q, k, v, g, beta, state = make(2, 21, 2, 4, 6, 5, seed=3)
+    beta = 2 * beta
+    assert beta.max() > 1.5
+    o, final = gated_delta_chunked_torch(
+        q, k, v, g, beta, chunk_size=chunk, initial_state=state, return_final_state=True
+    )
+    o_ref, final_ref = gated_delta_naive(q, k, v, g, beta, initial_state=state)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)
+
+
 def test_scale_and_strong_decay():
     """A given scale, decays down to exp(-30) per step (exponents clamped, never inf / nan)."""
     q, k, v, g, beta, state = make(2, 19, 1, 2, 4, 4)
