@@ -15,7 +15,8 @@ On a shared machine the load changes while the processes run one after the other
 favour either side. ``--rounds N`` runs every (config, framework) process N times, the two
 frameworks taking turns, and reports the median of each metric over the rounds.
 
-Usage: python scripts/bench_vs_hf.py [--configs bamba jamba nemotron_h qwen3_next falcon_h1]
+Usage: python scripts/bench_vs_hf.py [--configs bamba jamba nemotron_h qwen3_next falcon_h1
+       olmo_hybrid]
        [--repeats 3]
        [--rounds 3] [--device cpu|cuda]
 Writes docs/bench_vs_hf.json (bench_vs_hf_cuda.json) and the "hybrid vs transformers on CPU"
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VOCAB = 1024
-CONFIG_ORDER = ["bamba", "jamba", "nemotron_h", "qwen3_next", "falcon_h1"]
+CONFIG_ORDER = ["bamba", "jamba", "nemotron_h", "qwen3_next", "falcon_h1", "olmo_hybrid"]
 
 
 def hf_config(name: str, kernels: bool = False):
@@ -57,6 +58,7 @@ def hf_config(name: str, kernels: bool = False):
         FalconH1Config,
         JambaConfig,
         NemotronHConfig,
+        OlmoHybridConfig,
         Qwen3NextConfig,
     )
 
@@ -103,9 +105,19 @@ def hf_config(name: str, kernels: bool = False):
             mamba_n_heads=8, mamba_d_head=64, mamba_d_state=64, mamba_n_groups=1,
             mamba_chunk_size=256, tie_word_embeddings=True,
         )  # fmt: skip
+    if name == "olmo_hybrid":  # NoPE, as the released checkpoints; OLMo's derived head widths
+        return OlmoHybridConfig(
+            vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, hidden_size=256,
+            num_hidden_layers=8, intermediate_size=768, num_attention_heads=4,
+            num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": None},
+            layer_types=["linear_attention"] * 3 + ["full_attention"]
+            + ["linear_attention"] * 3 + ["full_attention"],
+            linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=48,
+            linear_value_head_dim=96, tie_word_embeddings=True,
+        )  # fmt: skip
     raise ValueError(
         f"--configs: unknown config {name!r}; "
-        "choose bamba, jamba, nemotron_h, qwen3_next, falcon_h1"
+        "choose bamba, jamba, nemotron_h, qwen3_next, falcon_h1, olmo_hybrid"
     )
 
 
@@ -243,6 +255,7 @@ TARGETS = {  # config -> metric -> hybrid / transformers, from the issues
     "jamba": targets(3, 1.5, (2, 3)),
     "qwen3_next": targets(2, 2),
     "falcon_h1": targets(2, 2),
+    "olmo_hybrid": targets(2, 2),  # issue 17's target for the 2025-26 hybrids
 }
 DECODE_ROWS = {  # metric -> row label; transformers' row is its default generate each time
     "decode_eager_ms_per_token": "decode ms/token, default (hybrid: eager, no compile)",
