@@ -42,6 +42,7 @@ from hybrid.convert.hf_config import (
     common_from_hf,
     common_to_hf,
     family_options,
+    mixer_feedforward_pairs,
     reject_quantized,
     require_value,
     rope_from_hf,
@@ -147,12 +148,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     layers = config.layers
     n_layers = len(layers) // 2
     mixers = layers[0::2]
-    if (
-        len(layers) % 2
-        or not layers
-        or any(name not in ("mamba2", "attention") for name in mixers)
-        or any(name != "mlp" for name in layers[1::2])
-    ):
+    if not mixer_feedforward_pairs(layers, ("mamba2", "attention"), ("mlp",)):
         raise ValueError(
             f"{MODEL_TYPE}: cannot express pattern {config.pattern_string!r}; {MODEL_TYPE} "
             "needs layers of a mixer (M or *) then an MLP (-)"

@@ -49,6 +49,7 @@ from hybrid.convert.blocks import (
 )
 from hybrid.convert.common import unsupported
 from hybrid.convert.hf_config import (
+    checked_layer_types,
     common_from_hf,
     common_to_hf,
     family_options,
@@ -154,11 +155,7 @@ def layer_mixers(hf: dict[str, Any]) -> list[str]:
     """Our mixer family of each layer."""
     n_layers = hf.get("num_hidden_layers", 32)
     types = hf.get("layer_types") or ["mamba"] * n_layers
-    if not isinstance(types, list) or len(types) != n_layers:
-        raise unsupported(MODEL_TYPE, "layer_types", types, f"a list of {n_layers} layer types")
-    for kind in types:
-        if kind not in MIXER_TYPES:
-            raise unsupported(MODEL_TYPE, "layer_types", kind, f"one of {', '.join(MIXER_TYPES)}")
+    types = checked_layer_types(types, n_layers, MODEL_TYPE, MIXER_TYPES)
     return [MIXER_TYPES[kind] for kind in types]
 
 

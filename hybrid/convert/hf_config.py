@@ -4,6 +4,7 @@ model type cannot hold."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from hybrid.config import HybridConfig
@@ -119,6 +120,34 @@ def rope_with_scaling_from_hf(
     except ValueError as error:
         raise ValueError(f"{model_type}: {error}") from None
     return theta, fraction, scaling
+
+
+def checked_layer_types(
+    types: Any, n_layers: int, model_type: str, kinds: Collection[str]
+) -> list[str]:
+    """A config's ``layer_types`` as a list, failing unless it holds ``n_layers`` entries
+    (``num_hidden_layers``), each one of ``kinds``."""
+    if not isinstance(types, list) or len(types) != n_layers:
+        why = f"a list of num_hidden_layers={n_layers} types"
+        raise unsupported(model_type, "layer_types", types, why)
+    for kind in types:
+        if kind not in kinds:
+            why = " or ".join(repr(k) for k in kinds) + " layers"
+            raise unsupported(model_type, "layer_types", kind, why)
+    return list(types)
+
+
+def mixer_feedforward_pairs(
+    layers: list[str], mixers: Collection[str], feedforwards: Collection[str]
+) -> bool:
+    """Whether ``layers`` is one or more transformers layers of two sublayers each: a block of
+    ``mixers``, then one of ``feedforwards``."""
+    return (
+        bool(layers)
+        and len(layers) % 2 == 0
+        and all(name in mixers for name in layers[0::2])
+        and all(name in feedforwards for name in layers[1::2])
+    )
 
 
 def family_options(config: HybridConfig, family: str, model_type: str) -> Any:

@@ -36,11 +36,12 @@ import torch
 
 from hybrid.config import HybridConfig
 from hybrid.convert.blocks import MAX_POSITIONS, same_names
-from hybrid.convert.common import unsupported
 from hybrid.convert.hf_config import (
+    checked_layer_types,
     common_from_hf,
     common_to_hf,
     family_options,
+    mixer_feedforward_pairs,
     reject_quantized,
     require_options,
     require_value,
@@ -149,16 +150,7 @@ def layer_types(hf: dict[str, Any]) -> list[str]:
         attention = hf.get("full_attn_idxs")
         attention = range(n_layers) if attention is None else attention
         return [ATTENTION_LAYER if i in attention else CONV for i in range(n_layers)]
-    if not isinstance(types, list) or len(types) != n_layers:
-        raise unsupported(
-            MODEL_TYPE, "layer_types", types, f"a list of num_hidden_layers={n_layers} types"
-        )
-    for kind in types:
-        if kind not in (CONV, ATTENTION_LAYER):
-            raise unsupported(
-                MODEL_TYPE, "layer_types", kind, f"{CONV!r} or {ATTENTION_LAYER!r} layers"
-            )
-    return list(types)
+    return checked_layer_types(types, n_layers, MODEL_TYPE, (CONV, ATTENTION_LAYER))
 
 
 def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
@@ -249,12 +241,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     """
     layers = config.layers
     mixers = layers[0::2]
-    if (
-        len(layers) % 2
-        or not layers
-        or any(name not in MIXERS for name in mixers)
-        or any(name != "mlp" for name in layers[1::2])
-    ):
+    if not mixer_feedforward_pairs(layers, MIXERS, ("mlp",)):
         raise ValueError(
             f"{MODEL_TYPE}: cannot express pattern {config.pattern_string!r}; {MODEL_TYPE} "
             "needs layers of a mixer (C or *) then an MLP (-)"

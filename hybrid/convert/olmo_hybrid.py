@@ -41,10 +41,12 @@ from hybrid.convert.blocks import ATTENTION, MAX_POSITIONS, MLP, same_names
 from hybrid.convert.common import take, unsupported
 from hybrid.convert.hf_config import (
     cannot_express,
+    checked_layer_types,
     common_from_hf,
     common_to_hf,
     family_options,
     get,
+    mixer_feedforward_pairs,
     reject_quantized,
     require_options,
     require_value,
@@ -140,16 +142,11 @@ def layer_types(hf: dict[str, Any]) -> list[str]:
         types = [FULL if i % 4 == 3 else LINEAR for i in range(n_layers)]
         if FULL not in types:
             types[-1] = FULL
-    if not isinstance(types, list) or len(types) != n_layers:
-        why = f"a list of num_hidden_layers={n_layers} types"
-        raise unsupported(MODEL_TYPE, "layer_types", types, why)
-    for kind in types:
-        if kind not in (LINEAR, FULL):
-            raise unsupported(MODEL_TYPE, "layer_types", kind, f"{LINEAR!r} or {FULL!r} layers")
+    types = checked_layer_types(types, n_layers, MODEL_TYPE, (LINEAR, FULL))
     if LINEAR not in types or FULL not in types:
         why = f"at least one {LINEAR!r} and one {FULL!r} layer"
         raise unsupported(MODEL_TYPE, "layer_types", types, why)
-    return list(types)
+    return types
 
 
 def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -296,11 +293,7 @@ def weights_from_hf(
 def check_expressible(config: HybridConfig) -> None:
     """Raise ValueError naming the first option of ours that OLMo hybrid cannot hold."""
     layers = config.layers
-    if (
-        len(layers) % 2
-        or any(name not in MIXERS for name in layers[0::2])
-        or any(name != "mlp" for name in layers[1::2])
-    ):
+    if not mixer_feedforward_pairs(layers, MIXERS, ("mlp",)):
         why = f"{MODEL_TYPE} layers are a mixer (D or *) then an MLP (-)"
         raise cannot_express(MODEL_TYPE, "pattern", config.pattern_string, why)
     if not {"attention", "gated_deltanet"} <= set(layers):

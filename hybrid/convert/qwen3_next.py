@@ -65,10 +65,12 @@ from hybrid.convert.blocks import (
 from hybrid.convert.common import take, unsupported
 from hybrid.convert.hf_config import (
     cannot_express,
+    checked_layer_types,
     common_from_hf,
     common_to_hf,
     family_options,
     get,
+    mixer_feedforward_pairs,
     reject_quantized,
     require_options,
     require_value,
@@ -176,13 +178,7 @@ def layer_types(hf: dict[str, Any]) -> list[str]:
             why = "a positive integer"
             raise unsupported(MODEL_TYPE, "full_attention_interval", interval, why)
         return [LINEAR if (i + 1) % interval else FULL for i in range(n_layers)]
-    if not isinstance(types, list) or len(types) != n_layers:
-        why = f"a list of num_hidden_layers={n_layers} types"
-        raise unsupported(MODEL_TYPE, "layer_types", types, why)
-    for kind in types:
-        if kind not in (LINEAR, FULL):
-            raise unsupported(MODEL_TYPE, "layer_types", kind, f"{LINEAR!r} or {FULL!r} layers")
-    return list(types)
+    return checked_layer_types(types, n_layers, MODEL_TYPE, (LINEAR, FULL))
 
 
 def moe_layers(hf: dict[str, Any]) -> list[bool]:
@@ -330,11 +326,7 @@ def check_expressible(config: HybridConfig) -> None:
     """Raise ValueError naming the first option of ours that Qwen3-Next cannot hold (options
     of block families the pattern does not use are not checked)."""
     layers = config.layers
-    if (
-        len(layers) % 2
-        or any(name not in MIXERS for name in layers[0::2])
-        or any(name not in ("mlp", "moe") for name in layers[1::2])
-    ):
+    if not mixer_feedforward_pairs(layers, MIXERS, ("mlp", "moe")):
         why = f"{MODEL_TYPE} layers are a mixer (D or *) then a feed-forward (- or E)"
         raise cannot_express(MODEL_TYPE, "pattern", config.pattern_string, why)
     used = set(layers)
