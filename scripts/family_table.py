@@ -32,6 +32,7 @@ FAMILIES = {
     "qwen3_next_like": "Qwen3-Next (Gated DeltaNet 3:1, MoE)",
     "lfm2_like": "LFM2 (short convs + attention)",
     "falcon_h1_like": "Falcon-H1 (attention beside Mamba-2)",
+    "olmo_hybrid_like": "OLMo hybrid (Gated DeltaNet 3:1, OLMo 2 attention)",
 }
 CONTEXT = 32768
 VOCAB = 257  # the byte tokenizer the recipes train with

@@ -26,6 +26,7 @@ SAME_BUDGET = [
     "qwen3_next_like",
     "lfm2_like",
     "falcon_h1_like",
+    "olmo_hybrid_like",
 ]
 RECIPE_PATHS = sorted(path for path in RECIPES.glob("*.yaml") if path != SWEEP)
 
@@ -173,6 +174,22 @@ def test_falcon_h1_like_is_attention_and_mamba2_side_by_side():
             assert [mixer for mixer, _ in options.mixers] == ["attention", "mamba2"]
 
 
+def test_olmo_hybrid_like_is_gated_deltanet_three_to_one_with_post_norm_attention():
+    built = config("olmo_hybrid_like")
+    mixers, feedforwards = mixers_and_feedforwards(built.layers)
+    assert mixers == ["gated_deltanet"] * 3 + ["attention"] + ["gated_deltanet"] * 3 + ["attention"]
+    assert set(feedforwards) == {"mlp"}
+    # OLMo 2's attention layers: the attention and the MLP after it are post-norm, the rest not
+    attention_layers = [i for i, name in enumerate(built.layers) if name == "attention"]
+    assert built.post_norm_sublayers == sorted(attention_layers + [i + 1 for i in attention_layers])
+    for name, options in zip(built.layers, built.layer_options, strict=True):
+        if name == "attention":
+            assert options.qk_norm and options.qk_norm_scope == "projection"
+            assert options.position == "none"
+        elif name == "gated_deltanet":
+            assert options.allow_neg_eigval and options.head_v_dim == 2 * options.head_k_dim
+
+
 # One budget for the same-budget recipes.
 
 
@@ -278,7 +295,12 @@ def test_every_swept_value_is_a_valid_recipe_override(name, value):
 
 @pytest.mark.parametrize(
     "name, model_type",
-    [("qwen3_next_like", "qwen3_next"), ("lfm2_like", "lfm2"), ("falcon_h1_like", "falcon_h1")],
+    [
+        ("qwen3_next_like", "qwen3_next"),
+        ("lfm2_like", "lfm2"),
+        ("falcon_h1_like", "falcon_h1"),
+        ("olmo_hybrid_like", "olmo_hybrid"),
+    ],
 )
 def test_anchor_recipes_are_expressible_as_their_transformers_type(name, model_type):
     """Each anchor layout is one its transformers class can hold (``to_hf``'s config side)."""
