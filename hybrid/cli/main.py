@@ -90,11 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert between transformers model directories and ours",
         description="--from-hf DIR: a transformers directory (llama, mamba, falcon_mamba, "
         "mamba2, bamba, jamba, nemotron_h, qwen3_next, lfm2, falcon_h1, granitemoehybrid, "
-        "olmo_hybrid) to our checkpoint; --to-hf DIR --model-type TYPE: ours to transformers.",
+        "olmo_hybrid) to our checkpoint; --to-hf PATH --model-type TYPE: ours (a model or run "
+        "directory, or a training .ckpt) to transformers.",
     )
     direction = convert.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="transformers model directory")
-    direction.add_argument("--to-hf", metavar="DIR", help="our checkpoint directory")
+    direction.add_argument(
+        "--to-hf", metavar="PATH", help="our model directory, run directory or .ckpt file"
+    )
     convert.add_argument("--model-type", help="transformers model type (with --to-hf)")
     convert.add_argument("--out", required=True, help="directory to write")
     convert.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -109,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from hybrid.checkpoint import load_pretrained, save_pretrained
+    from hybrid.checkpoint import load_model, resolve_checkpoint, save_pretrained
     from hybrid.convert import copy_tokenizer, from_hf, to_hf
     from hybrid.outputs import require_output_dir
+    from hybrid.tokenizer import HFTokenizer, load_tokenizer
 
     require_output_dir(args.out, "--out")
     if args.from_hf:
@@ -121,9 +125,16 @@ def run_convert(args: argparse.Namespace) -> None:
         return
     if not args.model_type:
         raise ValueError("--model-type: required with --to-hf (e.g. bamba)")
-    to_hf(load_pretrained(args.to_hf, trust_remote_code=args.trust_remote_code), args.out,
+    # Any checkpoint generate reads: a model directory, a run directory, a .ckpt file.
+    source = resolve_checkpoint(args.to_hf)
+    to_hf(load_model(source, trust_remote_code=args.trust_remote_code), args.out,
           args.model_type)  # fmt: skip
-    copy_tokenizer(args.to_hf, args.out)
+    if source.is_dir():
+        copy_tokenizer(source, args.out)
+    else:  # a training checkpoint: the tokenizer stored in it, if any
+        tokenizer = load_tokenizer(source)
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save(args.out)
     print(f"wrote {args.out} ({args.model_type}: config.json, model.safetensors)")
 
 

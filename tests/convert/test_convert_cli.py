@@ -67,6 +67,20 @@ def test_convert_both_ways(hf_directory, tmp_path, capsys):
         torch.testing.assert_close(load_model(directory)(ids).logits, model(ids).logits)
 
 
+def test_convert_to_hf_reads_a_run_directory(hf_directory, tmp_path, capsys):
+    """``--to-hf`` takes what ``generate --checkpoint`` takes: here a run directory, whose
+    exported ``model/`` (with its tokenizer) is written out."""
+    model, directory = hf_directory
+    run, back = tmp_path / "run", tmp_path / "back"
+    assert main(["convert", "--from-hf", str(directory), "--out", str(run / "model")]) == 0
+    assert main(["convert", "--to-hf", str(run), "--model-type", "llama", "--out", str(back)]) == 0
+    assert (back / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(back).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
 def test_convert_errors_are_one_line(hf_directory, tmp_path, capsys):
     _, directory = hf_directory
     ours = tmp_path / "ours"
