@@ -94,6 +94,22 @@ HF_GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 MAX_POSITIONS = 131072
 
 
+def rope_to_hf(attention: Any, **extra: Any) -> dict[str, Any]:
+    """``rope_parameters`` (``rope_theta``, the keys of ``attention.rope_scaling``, ``extra``)
+    and ``max_position_embeddings`` of resolved attention options: dynamic NTK scales from
+    max_position_embeddings, so it is the original length there; plain RoPE runs at any
+    length (:data:`MAX_POSITIONS`)."""
+    scaling = attention.rope_scaling or {}
+    original = "original_max_position_embeddings"
+    dynamic = scaling.get("rope_type") == "dynamic"
+    kept = {key: value for key, value in scaling.items() if not (dynamic and key == original)}
+    parameters = {"rope_type": "default", **kept, "rope_theta": attention.rope_theta, **extra}
+    return {
+        "rope_parameters": parameters,
+        "max_position_embeddings": scaling[original] if dynamic else MAX_POSITIONS,
+    }
+
+
 def mlp_from_hf(hf: dict[str, Any], model_type: str, intermediate_default: int) -> dict[str, Any]:
     """Our ``mlp`` options from a Llama-style gated MLP config."""
     act = hf.get("hidden_act", "silu")

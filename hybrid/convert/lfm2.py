@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.blocks import MAX_POSITIONS, same_names
+from hybrid.convert.blocks import rope_to_hf, same_names
 from hybrid.convert.hf_config import (
     checked_layer_types,
     common_from_hf,
@@ -216,19 +216,11 @@ def attention_to_hf(config: HybridConfig) -> dict[str, Any]:
         MODEL_TYPE, "attention.qk_norm_eps", attention.qk_norm_eps, config.norm_eps,
         "one norm_eps for every norm, the q / k norms too",
     )  # fmt: skip
-    scaling = attention.rope_scaling or {}
-    dynamic, original = scaling.get("rope_type") == "dynamic", "original_max_position_embeddings"
     return {
         "num_attention_heads": attention.n_heads,
         "num_key_value_heads": attention.n_kv_heads,
         "head_dim": attention.head_dim,
-        "rope_parameters": {
-            "rope_type": "default",
-            **{k: v for k, v in scaling.items() if not (dynamic and k == original)},
-            "rope_theta": attention.rope_theta,
-        },
-        # dynamic NTK scales from max_position_embeddings; plain RoPE runs at any length
-        "max_position_embeddings": scaling[original] if dynamic else MAX_POSITIONS,
+        **rope_to_hf(attention),
     }
 
 

@@ -24,12 +24,12 @@ import torch
 from hybrid.config import HybridConfig
 from hybrid.convert.blocks import (
     ATTENTION,
-    MAX_POSITIONS,
     MLP,
     attention_from_hf,
     attention_to_hf,
     mlp_from_hf,
     mlp_to_hf,
+    rope_to_hf,
 )
 from hybrid.convert.hf_config import (
     common_from_hf,
@@ -111,21 +111,13 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
             f"{MODEL_TYPE}: cannot express n_heads={attention.n_heads} with "
             f"d_model={config.d_model} (transformers requires hidden_size % heads == 0)"
         )
-    scaling = attention.rope_scaling or {}
-    dynamic, original = scaling.get("rope_type") == "dynamic", "original_max_position_embeddings"
     return {
         **common_to_hf(config, MODEL_TYPE, "LlamaForCausalLM"),
         **attention_to_hf(attention, MODEL_TYPE),
         **mlp_to_hf(family_options(config, "mlp", MODEL_TYPE), MODEL_TYPE),
         "num_hidden_layers": n_layers,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": {
-            "rope_type": "default",
-            **{k: v for k, v in scaling.items() if not (dynamic and k == original)},
-            "rope_theta": attention.rope_theta,
-        },
-        # dynamic NTK scales from max_position_embeddings; plain RoPE runs at any length
-        "max_position_embeddings": scaling[original] if dynamic else MAX_POSITIONS,
+        **rope_to_hf(attention),
     }
 
 

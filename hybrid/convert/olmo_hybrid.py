@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.blocks import ATTENTION, MAX_POSITIONS, MLP, same_names
+from hybrid.convert.blocks import ATTENTION, MAX_POSITIONS, MLP, rope_to_hf, same_names
 from hybrid.convert.common import take, unsupported
 from hybrid.convert.hf_config import (
     cannot_express,
@@ -344,12 +344,12 @@ def check_expressible(config: HybridConfig) -> None:
     require_options(MODEL_TYPE, "mlp", mlp, allowed, "OLMo hybrid's MLP is SwiGLU")
 
 
-def rope_to_hf(attention: Any) -> dict[str, Any]:
-    """``rope_parameters``: a null ``rope_theta`` for NoPE."""
+def positions_to_hf(attention: Any) -> dict[str, Any]:
+    """``rope_parameters`` and ``max_position_embeddings``: a null ``rope_theta`` for NoPE."""
     if attention.position == "none":
-        return {"rope_parameters": {"rope_type": "default", "rope_theta": None}}
-    return {"rope_parameters": {"rope_type": "default", **(attention.rope_scaling or {}),
-                                "rope_theta": attention.rope_theta}}  # fmt: skip
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": None},
+                "max_position_embeddings": MAX_POSITIONS}  # fmt: skip
+    return rope_to_hf(attention)
 
 
 def config_to_hf(config: HybridConfig) -> dict[str, Any]:
@@ -364,7 +364,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     deltanet = written_options(config, "gated_deltanet", MODEL_TYPE)
     return {
         **common_to_hf(config, MODEL_TYPE, "OlmoHybridForCausalLM"),
-        **rope_to_hf(attention),
+        **positions_to_hf(attention),
         "num_hidden_layers": len(mixers),
         "layer_types": [MIXERS[name] for name in mixers],
         "num_attention_heads": attention.n_heads,
@@ -379,7 +379,6 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         "linear_value_head_dim": deltanet.head_v_dim,
         "linear_conv_kernel_dim": deltanet.d_conv,
         "linear_allow_neg_eigval": deltanet.allow_neg_eigval,
-        "max_position_embeddings": MAX_POSITIONS,
     }
 
 

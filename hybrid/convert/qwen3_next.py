@@ -53,12 +53,12 @@ from hybrid.config import HybridConfig
 from hybrid.convert.blocks import (
     ATTENTION,
     EXPERTS,
-    MAX_POSITIONS,
     MLP,
     gated_deltanet_in_proj_from_hf,
     gated_deltanet_in_proj_to_hf,
     gated_query_from_hf,
     gated_query_to_hf,
+    rope_to_hf,
     same_names,
     unpacked_gate_up,
 )
@@ -381,22 +381,13 @@ def attention_to_hf(config: HybridConfig) -> dict[str, Any]:
             attention = written_options(config, "attention", MODEL_TYPE)
         except ValueError:  # family options that need a d_model they do not divide
             return {"num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8}
-    scaling = attention.rope_scaling or {}
-    dynamic, original = scaling.get("rope_type") == "dynamic", "original_max_position_embeddings"
     fraction = attention.rope_fraction if attention.position == "rope" else 1.0
     return {
         "num_attention_heads": attention.n_heads,
         "num_key_value_heads": attention.n_kv_heads,
         "head_dim": attention.head_dim,
         "attention_bias": attention.qkv_bias,
-        "rope_parameters": {
-            "rope_type": "default",
-            **{k: v for k, v in scaling.items() if not (dynamic and k == original)},
-            "rope_theta": attention.rope_theta,
-            "partial_rotary_factor": fraction,
-        },
-        # dynamic NTK scales from max_position_embeddings; plain RoPE runs at any length
-        "max_position_embeddings": scaling[original] if dynamic else MAX_POSITIONS,
+        **rope_to_hf(attention, partial_rotary_factor=fraction),
     }
 
 
