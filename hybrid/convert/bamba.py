@@ -44,12 +44,16 @@ from hybrid.convert.hf_config import (
     family_options,
     mixer_feedforward_pairs,
     reject_quantized,
+    require_expressible,
     require_value,
     rope_from_hf,
 )
 from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "bamba"
+
+# Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
+EXPRESSES: frozenset[str] = frozenset()
 PARTIAL_ROTARY_DEFAULT = 0.5  # what BambaConfig sets when rope_parameters does not say
 
 # A Bamba decoder layer is two of our sublayers: a mixer (2 i), then the MLP (2 i + 1).
@@ -145,6 +149,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not mixer/MLP pairs (``M-`` or ``*-``) with one set of options
             per family that Bamba can express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     layers = config.layers
     n_layers = len(layers) // 2
     mixers = layers[0::2]

@@ -53,6 +53,7 @@ from hybrid.convert.hf_config import (
     common_to_hf,
     family_options,
     reject_quantized,
+    require_expressible,
     require_value,
     rope_from_hf,
 )
@@ -219,6 +220,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not ``[*M]-`` layers with one set of options per family that
             Falcon-H1 can express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     layers = config.layers
     n_layers = len(layers) // 2
     parallel = family_options(config, "parallel", MODEL_TYPE)

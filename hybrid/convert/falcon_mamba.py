@@ -16,9 +16,12 @@ import torch
 
 from hybrid.config import HybridConfig
 from hybrid.convert import mamba
-from hybrid.convert.hf_config import family_options, get
+from hybrid.convert.hf_config import family_options, get, require_expressible
 
 MODEL_TYPE = "falcon_mamba"
+
+# Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
+EXPRESSES: frozenset[str] = frozenset()
 
 INNER_NORMS = {"inner_norms": True, "inner_norm_weights": False}
 
@@ -43,6 +46,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not ``"S" * n`` with one set of mamba1 options with
             weight-free inner norms.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     hf = mamba.stack_to_hf(config, MODEL_TYPE, "FalconMambaForCausalLM", INNER_NORMS)
     return {**hf, "mixer_rms_eps": family_options(config, "mamba1", MODEL_TYPE).norm_eps}
 

@@ -54,6 +54,7 @@ from hybrid.convert.hf_config import (
     common_to_hf,
     family_options,
     reject_quantized,
+    require_expressible,
     require_options,
     rope_from_hf,
     written_options,
@@ -236,6 +237,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not mixer / feed-forward pairs (all MoE with a shared expert,
             or all MLP) with one set of options per family that Granite 4 can express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     layers = config.layers
     mixers, ffns = layers[0::2], layers[1::2]
     if (

@@ -212,7 +212,8 @@ def require_options(
 
 
 # Options of ours off their default that a converter must say it writes (its module's
-# ``EXPRESSES``); everywhere else they fail by name instead of being dropped on the way out.
+# ``EXPRESSES``); everywhere else they fail by name instead of being dropped on the way out
+# (every converter's ``config_to_hf`` starts with :func:`require_expressible`).
 EXTENDED_OPTIONS = {
     "embedding_multiplier": 1.0,
     "residual_multiplier": 1.0,

@@ -33,6 +33,7 @@ from hybrid.convert.hf_config import (
     common_to_hf,
     family_options,
     get,
+    require_expressible,
     require_options,
     written_options,
 )
@@ -40,6 +41,9 @@ from hybrid.convert.mapping import NameMap, model_table, nest
 from hybrid.pattern import pattern_from_periods, periods_from_pattern
 
 MODEL_TYPE = "jamba"
+
+# Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
+EXPRESSES: frozenset[str] = frozenset()
 
 # transformers' JambaConfig defaults, for keys a config.json may leave out.
 DEFAULTS: dict[str, Any] = {
@@ -229,6 +233,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     Raises:
         ValueError: naming an option of ours that Jamba cannot express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     periods = check_expressible(config)
     n_layers = periods["n_layers"]
     attention = written_options(config, "attention", MODEL_TYPE)

@@ -43,6 +43,7 @@ from hybrid.convert.hf_config import (
     family_options,
     mixer_feedforward_pairs,
     reject_quantized,
+    require_expressible,
     require_options,
     require_value,
     rope_with_scaling_from_hf,
@@ -231,6 +232,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not mixer / MLP pairs (``C-`` or ``*-``) with one set of
             options per family that LFM2 can express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     layers = config.layers
     mixers = layers[0::2]
     if not mixer_feedforward_pairs(layers, MIXERS, ("mlp",)):

@@ -36,6 +36,7 @@ from hybrid.convert.hf_config import (
     common_to_hf,
     family_options,
     reject_quantized,
+    require_expressible,
     require_layers,
     require_value,
     rope_with_scaling_from_hf,
@@ -43,6 +44,9 @@ from hybrid.convert.hf_config import (
 from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "llama"
+
+# Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
+EXPRESSES: frozenset[str] = frozenset()
 
 # A Llama decoder layer is two of our sublayers: attention (2 i), then the MLP (2 i + 1).
 LAYER = "model.layers.{}."
@@ -100,6 +104,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not ``"*-" * n`` with one set of attention / mlp options,
             plain full RoPE and a gated MLP.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     n_layers = len(config.layers) // 2
     require_layers(config, ["attention", "mlp"] * n_layers, MODEL_TYPE, "the pattern '*-' * n")
     attention = family_options(config, "attention", MODEL_TYPE)

@@ -37,12 +37,16 @@ from hybrid.convert.hf_config import (
     family_options,
     get,
     reject_quantized,
+    require_expressible,
     require_layers,
     require_options,
 )
 from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "mamba"
+
+# Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
+EXPRESSES: frozenset[str] = frozenset()
 
 # transformers' MambaConfig defaults (FalconMambaConfig's too, plus its mixer_rms_eps), for
 # keys a config.json may leave out.
@@ -194,6 +198,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not ``"S" * n`` with one set of mamba1 options without
             inner norms.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     return stack_to_hf(config, MODEL_TYPE, "MambaForCausalLM", INNER_NORMS)
 
 

@@ -32,11 +32,15 @@ from hybrid.convert.hf_config import (
     common_to_hf,
     family_options,
     reject_quantized,
+    require_expressible,
     require_layers,
 )
 from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "mamba2"
+
+# Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
+EXPRESSES: frozenset[str] = frozenset()
 
 # Each Mamba2 block is one of our sublayers: sublayer i is backbone layer i.
 LAYER = "backbone.layers.{}."
@@ -104,6 +108,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
         ValueError: the model is not ``"M" * n`` with one set of mamba2 options that
             transformers can express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     require_layers(config, ["mamba2"] * len(config.layers), MODEL_TYPE, "the pattern 'M' * n")
     options = family_options(config, "mamba2", MODEL_TYPE)
     sizes = mamba2_sizes_to_hf(options, config, MODEL_TYPE)

@@ -42,12 +42,16 @@ from hybrid.convert.hf_config import (
     common_to_hf,
     family_options,
     get,
+    require_expressible,
     require_options,
     written_options,
 )
 from hybrid.convert.mapping import NameMap, model_table, nest
 
 MODEL_TYPE = "nemotron_h"
+
+# Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
+EXPRESSES: frozenset[str] = frozenset()
 
 # transformers' NemotronHConfig defaults, for keys a config.json may leave out.
 DEFAULTS: dict[str, Any] = {
@@ -347,6 +351,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     Raises:
         ValueError: naming an option of ours that Nemotron-H cannot express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     check_expressible(config)
     attention = written_options(config, "attention", MODEL_TYPE)
     mamba = written_options(config, "mamba2", MODEL_TYPE)

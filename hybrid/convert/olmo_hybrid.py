@@ -48,6 +48,7 @@ from hybrid.convert.hf_config import (
     get,
     mixer_feedforward_pairs,
     reject_quantized,
+    require_expressible,
     require_options,
     require_value,
     rope_with_scaling_from_hf,
@@ -358,6 +359,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     Raises:
         ValueError: naming an option of ours that OLMo hybrid cannot express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     check_expressible(config)
     mixers = config.layers[0::2]
     attention = family_options(config, "attention", MODEL_TYPE)

@@ -72,6 +72,7 @@ from hybrid.convert.hf_config import (
     get,
     mixer_feedforward_pairs,
     reject_quantized,
+    require_expressible,
     require_options,
     require_value,
     rope_with_scaling_from_hf,
@@ -397,6 +398,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     Raises:
         ValueError: naming an option of ours that Qwen3-Next cannot express.
     """
+    require_expressible(config, MODEL_TYPE, EXPRESSES)
     check_expressible(config)
     mixers, feedforwards = config.layers[0::2], config.layers[1::2]
     deltanet = written_options(config, "gated_deltanet", MODEL_TYPE)

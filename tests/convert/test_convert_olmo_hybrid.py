@@ -21,7 +21,7 @@ from transformers import OlmoHybridForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from hybrid import HybridConfig, HybridLM
-from hybrid.convert import olmo_hybrid, to_hf
+from hybrid.convert import CONVERTERS, converter, olmo_hybrid, to_hf
 from tests.convert.parity import check_parity, relative_error
 from tests.hf_models import CHUNK, olmo_hybrid_config, random_model
 from tests.hf_testing import randomize
@@ -238,3 +238,17 @@ def test_other_types_refuse_the_olmo_options(model_type, config, option, tmp_pat
     model = HybridLM(HybridConfig(**values))
     with pytest.raises(ValueError, match=f"{model_type}: {re.escape(option)}=.* cannot be expr"):
         to_hf(model, tmp_path, model_type)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONVERTERS))
+def test_every_config_to_hf_refuses_the_options_it_does_not_write(model_type):
+    """Called on its own (not through ``to_hf``), a converter's ``config_to_hf`` still fails by
+    name on an extended option it has no counterpart for."""
+    module = converter(model_type)
+    # every type but those with multipliers lacks logit_multiplier; those lack post-norms
+    if "logit_multiplier" in module.EXPRESSES:
+        option, config = "post_norm_sublayers", our_config(post_norm_sublayers=[2, 3])
+    else:
+        option, config = "logit_multiplier", our_config(logit_multiplier=2.0)
+    with pytest.raises(ValueError, match=f"{model_type}: {option}=.* cannot be expressed"):
+        module.config_to_hf(config)

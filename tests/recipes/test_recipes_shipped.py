@@ -305,9 +305,5 @@ def test_every_swept_value_is_a_valid_recipe_override(name, value):
 def test_anchor_recipes_are_expressible_as_their_transformers_type(name, model_type):
     """Each anchor layout is one its transformers class can hold (``to_hf``'s config side)."""
     from hybrid.convert import converter
-    from hybrid.convert.hf_config import require_expressible
 
-    built = config(name)
-    module = converter(model_type)
-    require_expressible(built, model_type, getattr(module, "EXPRESSES", frozenset()))
-    assert module.config_to_hf(built)["model_type"] == model_type
+    assert converter(model_type).config_to_hf(config(name))["model_type"] == model_type
