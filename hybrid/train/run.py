@@ -547,6 +547,7 @@ def finish_run(
             recipe.run_dir, tokens_per_step(recipe), recipe.trainer.max_steps, unigram,
             title=f"{recipe.name}: {module.config.pattern_string}",
         )  # fmt: skip
+        log_run_end_to_wandb(loggers, loss_curve, sample)
         wandb_offline_dir = finish_wandb(loggers) if wandb_mode == "offline" else None
     return TrainResult(
         recipe.run_dir,
@@ -584,6 +585,19 @@ def describe_run(
             *([f"weights from: {recipe.init_from}"] if recipe.init_from and not resume else []),
         ]
     )
+
+
+def log_run_end_to_wandb(loggers: list, loss_curve: Path | None, sample: str | None) -> None:
+    """Give the W&B run what the run directory gets at the end: the loss-curve image (with the
+    unigram baseline line) and the eval prompt's sample, in the run summary."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            if loss_curve is not None:
+                logger.log_image("loss_curve", [str(loss_curve)])
+            if sample is not None:
+                logger.experiment.summary["eval/sample"] = sample
 
 
 def finish_wandb(loggers: list) -> Path | None:

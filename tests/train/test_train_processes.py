@@ -14,7 +14,7 @@ import torch
 
 from hybrid.checkpoint import read_training_checkpoint
 from tests.train.runs import read_metrics, train_losses
-from tests.train.wandb_reader import read_config, read_history
+from tests.train.wandb_reader import read_config, read_history, read_summary
 
 HYBRID = [sys.executable, "-m", "hybrid.cli"]
 
@@ -163,6 +163,13 @@ def test_offline_wandb_run_contains_the_logged_metrics(tiny_recipe):
     assert logged == pytest.approx(train_losses(run), rel=1e-6)
     assert any("val/loss" in row for row in history)
     assert any("moe/layer2/router_entropy" in row for row in history)
+    # the end of the run: the loss-curve image and the sample
+    images = [row for row in history if "loss_curve/_type" in row]  # nested keys, flattened
+    assert len(images) == 1 and images[0]["loss_curve/_type"] == "images/separated", images
+    (image,) = images[0]["loss_curve/filenames"]
+    assert (files[0].parent / "files" / image).is_file()
+    summary = read_summary(files[0])
+    assert summary["eval/sample"] and summary["eval/sample"] in done.stdout  # printed too
     config = read_config(files[0])
     csv_params = read_metrics(run)
     assert csv_params and config["pattern"] == "M*E"

@@ -68,3 +68,14 @@ def read_config(path: Path) -> dict:
                 key = item.key or "/".join(item.nested_key)
                 config[key] = json.loads(item.value_json)
     return config
+
+
+def read_summary(path: Path) -> dict:
+    """The run summary (last value of each key)."""
+    summary = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                summary[key] = json.loads(item.value_json)
+    return summary
