@@ -203,6 +203,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The model config (plain data, :meth:`HybridConfig.to_dict`) of any checkpoint
+    :func:`load_model` reads, without reading its weights: a transformers directory's
+    ``config.json`` is converted (:mod:`hybrid.convert`).
+
+    Raises:
+        ValueError: one line naming the path and what is wrong.
+    """
+    path = resolve_checkpoint(path)
+    if path.is_file():
+        return read_training_checkpoint(path)["meta"]["config"]
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{path}: missing {CONFIG_FILE}")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    if isinstance(data, dict) and "model_type" in data:
+        from hybrid.convert import converter
+
+        return converter(data["model_type"]).config_from_hf(data).to_dict()
+    return data
+
+
 def load_model(
     directory: str | Path,
     *,

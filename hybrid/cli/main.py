@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -26,10 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser(
         "info",
         help="parameters and inference-cache bytes per sublayer",
-        description="Per-sublayer table of a pattern or a recipe's model: parameters, active "
+        description="Per-sublayer table of a pattern's, a recipe's or a checkpoint's model: "
+        "parameters, active "
         "parameters (MoE: top-k experts) and inference-cache bytes per sequence.",
     )
-    info.add_argument("source", metavar="PATTERN_OR_RECIPE", help='e.g. "M-M*-ME" or a YAML file')
+    info.add_argument(
+        "source", metavar="SOURCE",
+        help='a pattern ("M-M*-ME"), a recipe YAML file, or a checkpoint directory (ours, a run '
+        "directory, or a transformers model)",
+    )  # fmt: skip
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. attention.n_heads=8")
     info.add_argument("--context", type=int, default=32768, help="context length (tokens)")
     info.add_argument("--d-model", type=int, default=None, help="width (pattern only; default 512)")
@@ -219,14 +225,21 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> None:
     from hybrid.accounting import describe
+    from hybrid.checkpoint import read_model_config
     from hybrid.cli.info import format_info
+    from hybrid.config import HybridConfig
+    from hybrid.overrides import apply_overrides
     from hybrid.recipe import load_model_config
 
     if args.context < 1:
         raise ValueError(f"--context: must be a positive integer; got {args.context}")
-    config = load_model_config(
-        args.source, args.overrides, d_model=args.d_model, vocab_size=args.vocab_size
-    )
+    if Path(args.source).is_dir():  # a checkpoint: ours, a run directory, or transformers'
+        data = apply_overrides(read_model_config(args.source), args.overrides)
+        config = HybridConfig.from_dict(data)
+    else:
+        config = load_model_config(
+            args.source, args.overrides, d_model=args.d_model, vocab_size=args.vocab_size
+        )
     info = describe(
         config, args.context, DTYPES[args.dtype], kv_dtype=args.kv_dtype,
         state_dtype=args.state_dtype,

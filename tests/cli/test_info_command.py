@@ -130,3 +130,37 @@ def test_info_columns_align_with_long_block_names(capsys):
     for row in rows:
         assert len(row) == len(header), row
         assert all(row[end - 1] != " " and (end == len(row) or row[end] == " ") for end in ends)
+
+
+def test_info_of_checkpoint_directories(tmp_path, capsys):
+    """A checkpoint directory (ours, a run directory holding model/, or a transformers one)
+    reads as its model's config; dotted overrides apply on top, and a directory without a
+    config fails in one line."""
+    import torch
+
+    from hybrid import HybridConfig, HybridLM
+    from hybrid.checkpoint import save_pretrained
+
+    config = {"pattern": "M-*-", "vocab_size": 64, "d_model": 32,
+              "mamba2": {"d_state": 8, "headdim": 8}, "attention": {"n_heads": 2}}  # fmt: skip
+    save_pretrained(HybridLM(HybridConfig(**config)), tmp_path / "run" / "model")
+    tables = []
+    for source in (tmp_path / "run" / "model", tmp_path / "run"):
+        code, out, _ = run(capsys, "info", str(source), "--context", "100", "mamba2.d_state=16")
+        assert code == 0
+        tables.append(out)
+    code, expected, _ = run(
+        capsys, "info", "M-*-", "--d-model", "32", "--vocab-size", "64", "--context", "100",
+        "mamba2.d_state=16", "mamba2.headdim=8", "attention.n_heads=2",
+    )  # fmt: skip
+    assert tables == [expected, expected]
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_models import llama_config
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(llama_config(vocab_size=64, hidden_size=32))
+    llama.save_pretrained(tmp_path / "llama")
+    code, out, _ = run(capsys, "info", str(tmp_path / "llama"), "--context", "100")
+    assert code == 0 and f"{sum(p.numel() for p in llama.parameters()):,}" in out
+    code, _, err = run(capsys, "info", str(tmp_path))
+    assert code == 2 and "missing config.json" in err and err.count("\n") == 1
