@@ -6,6 +6,13 @@ from hybrid.accounting import ModelInfo
 from hybrid.units import human_bytes, human_count
 
 
+def post_norm_line(indices: list[int]) -> list[str]:
+    """The line naming the post-norm sublayers (none when every sublayer is pre-norm)."""
+    if not indices:
+        return []
+    return [f"post-norm sublayers {', '.join(map(str, indices))}: x + norm(block(x))"]
+
+
 def format_info(info: ModelInfo) -> str:
     """The report as a text table plus totals."""
     config = info.config
@@ -19,6 +26,7 @@ def format_info(info: ModelInfo) -> str:
     lines = [
         f"pattern {config.pattern_string}  ({len(config.layers)} sublayers, d_model "
         f"{config.d_model}, vocab {config.vocab_size})",
+        *post_norm_line(config.post_norm_sublayers),
         "",
         header,
         "-" * len(header),

@@ -164,3 +164,11 @@ def test_info_of_checkpoint_directories(tmp_path, capsys):
     assert code == 0 and f"{sum(p.numel() for p in llama.parameters()):,}" in out
     code, _, err = run(capsys, "info", str(tmp_path))
     assert code == 2 and "missing config.json" in err and err.count("\n") == 1
+
+
+def test_info_names_the_post_norm_sublayers(capsys):
+    code, out, _ = run(capsys, "info", "recipes/olmo_hybrid_like.yaml", "--context", "1024")
+    assert code == 0
+    assert "post-norm sublayers 6, 7, 14, 15: x + norm(block(x))" in out.splitlines()
+    code, out, _ = run(capsys, "info", "recipes/qwen3_next_like.yaml", "--context", "1024")
+    assert code == 0 and "post-norm" not in out
