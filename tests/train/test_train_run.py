@@ -271,6 +271,25 @@ def test_bpe_run_saves_its_tokenizer_for_generation_and_resume(tiny_recipe, caps
     assert (recipe.run_dir / "tokenizer.json").read_text() == saved
 
 
+def test_convert_to_hf_of_a_training_checkpoint_writes_its_stored_tokenizer(tiny_recipe, capsys):
+    """``hybrid convert --to-hf`` on a ``.ckpt``: the model inside it, and the BPE tokenizer
+    stored in it written as tokenizer.json."""
+    transformers = pytest.importorskip("transformers")
+    model = {"pattern": "*-", "mamba2": {}, "moe": {}}
+    path = tiny_recipe(model=model, tokenizer={"kind": "bpe", "vocab_size": 300},
+                       trainer={"max_steps": 2})  # fmt: skip
+    recipe = load_recipe(path)
+    train(recipe, progress_bar=False)
+    last, out = recipe.run_dir / "checkpoints" / "last.ckpt", recipe.run_dir.parent / "hf"
+    code = main(["convert", "--to-hf", str(last), "--model-type", "llama", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "tokenizer.json").read_text() == (recipe.run_dir / "tokenizer.json").read_text()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, load_model(last)(ids).logits)
+
+
 USER_BLOCK = """
 from dataclasses import dataclass
 import torch
