@@ -97,10 +97,7 @@ def load_pretrained(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise ValueError(f"{directory}: missing {path.name}")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    data = read_config_json(config_path)
     require_trusted_modules(data, config_path, trust_remote_code)
     try:
         config = HybridConfig.from_dict(data)
@@ -217,15 +214,20 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"{path}: missing {CONFIG_FILE}")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    data = read_config_json(config_path)
     if isinstance(data, dict) and "model_type" in data:
-        from hybrid.convert import converter
+        from hybrid.convert import read_hf_directory_config
 
-        return converter(data["model_type"]).config_from_hf(data).to_dict()
+        return read_hf_directory_config(path)[2].to_dict()
     return data
+
+
+def read_config_json(path: Path) -> Any:
+    """The JSON in ``path`` (a checkpoint's config.json), failing in one line naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def load_model(

@@ -380,7 +380,9 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 def load_model_config(
     source: str, overrides: list[str] | None = None, **defaults: Any
 ) -> HybridConfig:
-    """A config from a recipe file (its ``model`` section) or a pattern string.
+    """A config from a recipe file (its ``model`` section), a checkpoint directory (ours, a
+    run directory or a transformers model: :func:`hybrid.checkpoint.read_model_config`) or a
+    pattern string.
 
     ``defaults`` (e.g. ``vocab_size``, ``d_model``) fill fields the source leaves unset;
     ``overrides`` are dotted ``key=value`` strings applied last: relative to the model
@@ -391,7 +393,11 @@ def load_model_config(
         ValueError: unreadable recipe, or an invalid config (one line naming the field).
     """
     path = Path(source)
-    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+    if path.is_dir():
+        from hybrid.checkpoint import read_model_config
+
+        data = read_model_config(path)
+    elif path.suffix in (".yaml", ".yml", ".json") or path.is_file():
         recipe = read_recipe_file(path)
         if "model" in recipe:  # full recipe paths, as `hybrid train` takes them, apply first
             sections = set(Recipe.model_fields)

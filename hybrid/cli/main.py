@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -225,21 +224,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> None:
     from hybrid.accounting import describe
-    from hybrid.checkpoint import read_model_config
     from hybrid.cli.info import format_info
-    from hybrid.config import HybridConfig
-    from hybrid.overrides import apply_overrides
     from hybrid.recipe import load_model_config
 
     if args.context < 1:
         raise ValueError(f"--context: must be a positive integer; got {args.context}")
-    if Path(args.source).is_dir():  # a checkpoint: ours, a run directory, or transformers'
-        data = apply_overrides(read_model_config(args.source), args.overrides)
-        config = HybridConfig.from_dict(data)
-    else:
-        config = load_model_config(
-            args.source, args.overrides, d_model=args.d_model, vocab_size=args.vocab_size
-        )
+    config = load_model_config(
+        args.source, args.overrides, d_model=args.d_model, vocab_size=args.vocab_size
+    )
     info = describe(
         config, args.context, DTYPES[args.dtype], kv_dtype=args.kv_dtype,
         state_dtype=args.state_dtype,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid.config import HybridConfig
 from hybrid.convert.common import (
     Converter,
     check_hf_types,
@@ -57,6 +58,24 @@ def converter(model_type: str) -> Converter:
     return importlib.import_module(f"hybrid.convert.{CONVERTERS[model_type]}")
 
 
+def read_hf_directory_config(directory: Path) -> tuple[dict, Converter, HybridConfig]:
+    """A transformers directory's ``config.json``, its converter and our config of it.
+
+    Raises:
+        ValueError: one line naming the file: unreadable, an unsupported type or option.
+    """
+    hf = read_hf_config(directory)
+    module = converter(hf.get("model_type", "<missing>"))
+    check_hf_types(hf, directory / "config.json")
+    try:
+        return hf, module, module.config_from_hf(hf)
+    except (TypeError, KeyError, AttributeError, IndexError) as error:  # a malformed config
+        raise ValueError(
+            f"{directory / 'config.json'}: cannot be read as a {module.MODEL_TYPE} config "
+            f"({type(error).__name__}: {error})"
+        ) from None
+
+
 def from_hf(directory: str | Path, *, dtype: torch.dtype | None = None) -> HybridLM:
     """A HybridLM with the weights of a transformers model directory.
 
@@ -67,16 +86,7 @@ def from_hf(directory: str | Path, *, dtype: torch.dtype | None = None) -> Hybri
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: no such directory")
-    hf = read_hf_config(directory)
-    module = converter(hf.get("model_type", "<missing>"))
-    check_hf_types(hf, directory / "config.json")
-    try:
-        config = module.config_from_hf(hf)
-    except (TypeError, KeyError, AttributeError, IndexError) as error:  # a malformed config
-        raise ValueError(
-            f"{directory / 'config.json'}: cannot be read as a {module.MODEL_TYPE} config "
-            f"({type(error).__name__}: {error})"
-        ) from None
+    hf, module, config = read_hf_directory_config(directory)
     weights = read_hf_weights(directory)
     try:
         state = module.weights_from_hf(weights, hf, config)
