@@ -54,6 +54,7 @@ MODEL_TYPE = "bamba"
 
 # Our extended options this converter writes (hybrid.convert.hf_config.EXTENDED_OPTIONS).
 EXPRESSES: frozenset[str] = frozenset()
+
 PARTIAL_ROTARY_DEFAULT = 0.5  # what BambaConfig sets when rope_parameters does not say
 
 # A Bamba decoder layer is two of our sublayers: a mixer (2 i), then the MLP (2 i + 1).

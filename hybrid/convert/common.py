@@ -18,10 +18,13 @@ class Converter(Protocol):
 
     ``config_from_hf`` / ``weights_from_hf`` map a transformers config (as a dict) and state
     dict onto ours; ``config_to_hf`` / ``weights_to_hf`` go back (raising ValueError where the
-    model cannot be expressed in that type).
+    model cannot be expressed in that type; ``config_to_hf`` first refuses the extended
+    options off their default that are not in ``EXPRESSES``:
+    :func:`hybrid.convert.hf_config.require_expressible`).
     """
 
     MODEL_TYPE: str
+    EXPRESSES: frozenset[str]
 
     def config_from_hf(self, hf: dict[str, Any]) -> HybridConfig: ...
 

@@ -150,6 +150,12 @@ def layer_types(hf: dict[str, Any]) -> list[str]:
     return types
 
 
+def post_norm_sublayers(mixers: list[str]) -> list[int]:
+    """Our sublayers under OLMo 2's post-norms, given each layer's type: both of every
+    attention layer's (the attention and its MLP)."""
+    return [2 * i + j for i, kind in enumerate(mixers) if kind == FULL for j in (0, 1)]
+
+
 def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """Our attention position options: NoPE when the config's ``rope_theta`` is null (in
     ``rope_parameters``, or at the top level without one), as OlmoHybridModel decides."""
@@ -216,11 +222,10 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
         "qk_norm_eps": eps,
         **rope_from_hf(hf),
     }
-    post_norm = [2 * i + j for i, kind in enumerate(mixers) if kind == FULL for j in (0, 1)]
     return HybridConfig(
         pattern="".join({LINEAR: "D-", FULL: "*-"}[kind] for kind in mixers),
         norm_eps=eps,
-        post_norm_sublayers=post_norm,
+        post_norm_sublayers=post_norm_sublayers(mixers),
         attention=attention,
         gated_deltanet=deltanet_from_hf(hf),
         mlp={"hidden_size": value(hf, "intermediate_size"), "activation": "swiglu"},
@@ -300,7 +305,7 @@ def check_expressible(config: HybridConfig) -> None:
     if not {"attention", "gated_deltanet"} <= set(layers):
         why = f"{MODEL_TYPE} needs at least one Gated DeltaNet layer and one attention layer"
         raise cannot_express(MODEL_TYPE, "pattern", config.pattern_string, why)
-    post_norm = [i for i, name in enumerate(layers) if MIXERS.get(layers[i - i % 2]) == FULL]
+    post_norm = post_norm_sublayers([MIXERS[name] for name in layers[0::2]])
     require_value(
         MODEL_TYPE, "post_norm_sublayers", config.post_norm_sublayers, post_norm,
         "post-norms in the attention layers (the attention and its MLP) and pre-norms in the "
