@@ -52,6 +52,7 @@ from hybrid.convert.hf_config import (
     common_from_hf,
     common_to_hf,
     family_options,
+    mixer_feedforward_pairs,
     reject_quantized,
     require_expressible,
     require_value,
@@ -225,10 +226,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     n_layers = len(layers) // 2
     parallel = family_options(config, "parallel", MODEL_TYPE)
     if (
-        not layers
-        or len(layers) % 2
-        or any(name != "parallel" for name in layers[0::2])
-        or any(name != "mlp" for name in layers[1::2])
+        not mixer_feedforward_pairs(layers, ("parallel",), ("mlp",))
         or [name for name, _ in parallel.mixers] != MIXERS
     ):
         raise ValueError(

@@ -53,6 +53,7 @@ from hybrid.convert.hf_config import (
     common_from_hf,
     common_to_hf,
     family_options,
+    mixer_feedforward_pairs,
     reject_quantized,
     require_expressible,
     require_options,
@@ -240,13 +241,8 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     require_expressible(config, MODEL_TYPE, EXPRESSES)
     layers = config.layers
     mixers, ffns = layers[0::2], layers[1::2]
-    if (
-        not layers
-        or len(layers) % 2
-        or any(name not in ("mamba2", "attention") for name in mixers)
-        or len(set(ffns)) != 1
-        or ffns[0] not in ("mlp", "moe")
-    ):
+    pairs = mixer_feedforward_pairs(layers, ("mamba2", "attention"), ("mlp", "moe"))
+    if not pairs or len(set(ffns)) != 1:
         raise ValueError(
             f"{MODEL_TYPE}: cannot express pattern {config.pattern_string!r}; {MODEL_TYPE} "
             "needs layers of a mixer (M or *) then one kind of feed-forward for all (E or -)"
