@@ -21,7 +21,9 @@ def fla_ops() -> SimpleNamespace | None:
     """flash-linear-attention's gated delta rule kernels (``fla-core``), or None when they do
     not import (no triton, no CUDA, not installed).
 
-    Attributes: ``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule``.
+    Attributes: ``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule`` (a decay per
+    head), ``chunk_kda``, ``fused_recurrent_kda`` (a decay per key channel; None in an fla
+    without them).
     """
     try:
         from fla.ops.gated_delta_rule import (
@@ -30,9 +32,15 @@ def fla_ops() -> SimpleNamespace | None:
         )
     except Exception:  # ImportError, triton or CUDA errors
         return None
+    try:
+        from fla.ops.kda import chunk_kda, fused_recurrent_kda
+    except Exception:
+        chunk_kda = fused_recurrent_kda = None
     return SimpleNamespace(
         chunk_gated_delta_rule=chunk_gated_delta_rule,
         fused_recurrent_gated_delta_rule=fused_recurrent_gated_delta_rule,
+        chunk_kda=chunk_kda,
+        fused_recurrent_kda=fused_recurrent_kda,
     )
 
 
@@ -66,7 +74,9 @@ def gated_delta_rule(
             L2-normalises them).
         v: (batch, seqlen, nv_heads, head_v_dim); nv_heads a multiple of nk_heads (value
             head h reads key head h // (nv_heads // nk_heads)).
-        g: (batch, seqlen, nv_heads) log-decay, <= 0; beta: (batch, seqlen, nv_heads).
+        g: (batch, seqlen, nv_heads) log-decay, <= 0, or (batch, seqlen, nv_heads,
+            head_k_dim): a decay per key channel (Kimi Delta Attention; fla's ``chunk_kda``).
+        beta: (batch, seqlen, nv_heads).
         chunk_size: tokens per chunk (speed only).
         scale: output scale; None: head_k_dim ** -0.5.
         initial_state: (batch, nv_heads, head_k_dim, head_v_dim) or None (zeros).
@@ -80,10 +90,14 @@ def gated_delta_rule(
         float64 inputs).
     """
     ops = fla_ops() if use_kernels(q, k, v, g, beta) else None
+    channel = g.dim() == 4
+    chunk_kernel = None
+    if ops is not None:
+        chunk_kernel = ops.chunk_kda if channel else ops.chunk_gated_delta_rule
     varlen_ok = seq_idx is None or (initial_state is None and not return_final_state)
     # fla computes in float32 (its kernels fail on float64 operands): float64 stays here.
     fp32 = compute_dtype(q, k, v, g, beta, initial_state) == torch.float32
-    if ops is not None and varlen_ok and fp32:
+    if chunk_kernel is not None and varlen_ok and fp32:
         repeat = v.shape[2] // k.shape[2]
         qr, kr = (t.repeat_interleave(repeat, 2) for t in (q, k))
         extra = {}
@@ -93,7 +107,7 @@ def gated_delta_rule(
             extra["cu_seqlens"] = _cu_seqlens(seq_idx)
         else:
             vr, gr, br = v, g, beta
-        o, final = ops.chunk_gated_delta_rule(
+        o, final = chunk_kernel(
             qr, kr, vr, gr.float(), br, scale=scale, initial_state=initial_state,
             output_final_state=return_final_state, **extra,
         )  # fmt: skip
@@ -119,14 +133,19 @@ def gated_delta_step(
     """One token: updates ``state`` in place and returns the output (see
     :func:`~layers.ops.delta.step.gated_delta_step_torch` for shapes). On CUDA, without
     autograd and with no float64 input, it runs fla's ``fused_recurrent_gated_delta_rule`` on
-    the one token."""
+    the one token (``fused_recurrent_kda`` for a decay per key channel, g (batch, nv_heads,
+    head_k_dim))."""
     ops = fla_ops() if use_kernels(state, q, k, v) else None
+    step_kernel = None
+    if ops is not None:
+        channel = g.dim() == 3
+        step_kernel = ops.fused_recurrent_kda if channel else ops.fused_recurrent_gated_delta_rule
     fp32 = compute_dtype(state, q, k, v, g, beta) == torch.float32
-    if ops is not None and fp32 and not needs_autograd(q, k, v, g, beta):
+    if step_kernel is not None and fp32 and not needs_autograd(q, k, v, g, beta):
         repeat = v.shape[1] // k.shape[1]
         qr, kr = (t.repeat_interleave(repeat, 1).unsqueeze(1) for t in (q, k))
         # g and beta by name: fla's signature is (q, k, v, g, gk, gv, beta, scale, ...).
-        o, final = ops.fused_recurrent_gated_delta_rule(
+        o, final = step_kernel(
             qr, kr, v.unsqueeze(1), g=g.float().unsqueeze(1), beta=beta.unsqueeze(1),
             scale=scale, initial_state=state, output_final_state=True,
         )  # fmt: skip

@@ -24,7 +24,8 @@ def gated_delta_step_torch(
     Args:
         state: (batch, nv_heads, head_k_dim, head_v_dim), float32 or float64, updated in place.
         q, k: (batch, nk_heads, head_k_dim); v: (batch, nv_heads, head_v_dim).
-        g, beta: (batch, nv_heads) log-decay and write strength.
+        g: (batch, nv_heads) log-decay, or (batch, nv_heads, head_k_dim) per key channel.
+        beta: (batch, nv_heads) write strength.
         scale: output scale; None: head_k_dim ** -0.5.
 
     Returns:
@@ -37,7 +38,8 @@ def gated_delta_step_torch(
     q, k = (t.to(dtype).repeat_interleave(repeat, 1) for t in (q, k))
     vf = v.to(dtype)
     work = state if state.dtype == dtype else state.to(dtype)
-    work.mul_(g.to(dtype).exp()[..., None, None])
+    decay = g.to(dtype).exp()
+    work.mul_(decay[..., None] if g.dim() == 3 else decay[..., None, None])
     read = (k.unsqueeze(-2) @ work).squeeze(-2)  # (batch, nv, dv): what k reads now
     delta = (vf - read).mul_(beta.to(dtype).unsqueeze(-1))
     work.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))
