@@ -26,7 +26,7 @@ from layers.parallel import resolve_mixers
 from layers.registry import get_block
 
 BUILTIN_FAMILIES = (
-    "attention", "mamba2", "mamba1", "gated_deltanet", "short_conv", "mlp", "moe",
+    "attention", "mamba2", "mamba1", "gated_deltanet", "kda", "short_conv", "mlp", "moe",
 )  # fmt: skip
 
 
@@ -62,7 +62,7 @@ class HybridConfig:
         pattern: the layout, in any form :func:`hybrid.pattern.parse_pattern` accepts.
         vocab_size: token vocabulary size.
         d_model: residual stream width.
-        attention / mamba2 / mamba1 / gated_deltanet / short_conv / mlp / moe: options of
+        attention / mamba2 / mamba1 / gated_deltanet / kda / short_conv / mlp / moe: options of
             each block family (a mapping or the family's options dataclass), used by every
             sublayer of that family (and by the mixers inside ``parallel`` sublayers).
         blocks: options of user-registered block families, by registry name.
@@ -97,6 +97,7 @@ class HybridConfig:
     mamba2: Any = field(default_factory=dict)
     mamba1: Any = field(default_factory=dict)
     gated_deltanet: Any = field(default_factory=dict)
+    kda: Any = field(default_factory=dict)
     short_conv: Any = field(default_factory=dict)
     mlp: Any = field(default_factory=dict)
     moe: Any = field(default_factory=dict)

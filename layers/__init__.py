@@ -1,12 +1,14 @@
 """Blocks a hybrid model is built from, registered by name and pattern symbol.
 
 Importing this package registers the built-ins: ``mamba2`` (M), ``mamba1`` (S),
-``gated_deltanet`` (D), ``short_conv`` (C), ``attention`` (*), ``mlp`` (-), ``moe`` (E).
+``gated_deltanet`` (D), ``kda`` (K), ``short_conv`` (C), ``attention`` (*), ``mlp`` (-),
+``moe`` (E).
 """
 
 from layers import (  # noqa: F401  (registers the blocks)
     attention,
     gated_deltanet,
+    kda,
     mamba1,
     mamba2,
     mlp,

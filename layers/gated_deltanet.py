@@ -9,7 +9,9 @@ the output normalised per head, gated by silu(z), projected back.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +85,10 @@ class GatedDeltaNetOptions:
         require(
             0 < low <= high, f"{where}.a_init_range", f"need 0 < low <= high; got {low}, {high}"
         )
-        return GatedDeltaNetOptions(**{
-            **self.__dict__, "n_heads": n_heads, "n_v_heads": n_v_heads,
-            "head_v_dim": self.head_v_dim or self.head_k_dim,
-            "a_init_range": (float(low), float(high)),
-        })  # fmt: skip
+        return dataclasses.replace(
+            self, n_heads=n_heads, n_v_heads=n_v_heads,
+            head_v_dim=self.head_v_dim or self.head_k_dim, a_init_range=(float(low), float(high)),
+        )  # fmt: skip
 
     def widths(self) -> tuple[int, int]:
         """(key width n_heads * head_k_dim, value width n_v_heads * head_v_dim), resolved."""
@@ -105,24 +106,47 @@ class GatedDeltaNet(Block):
 
     separates_documents = True
 
+    gate_activation: ClassVar[str] = "silu"  # of the output norm's gate
+
     def __init__(self, d_model: int, options: GatedDeltaNetOptions, layer_idx: int) -> None:
         super().__init__(d_model, options, layer_idx)
         key_width, value_width = options.widths()
         self.key_width, self.value_width = key_width, value_width
         self.conv_dim = 2 * key_width + value_width
-        gate_width = value_width if options.output_gate else 0
-        # [q, k, v, z, b, a]: the conv reads the first conv_dim channels.
-        self.split_sizes = [self.conv_dim, gate_width, options.n_v_heads, options.n_v_heads]
-        self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False)
+        self.build_projections(d_model, options)
         self.conv1d = depthwise_conv(self.conv_dim, options.d_conv, options.conv_bias)
         self.dt_bias = nn.Parameter(
-            init_dt_bias(options.n_v_heads, options.dt_min, options.dt_max, options.dt_init_floor)
-        )
+            init_dt_bias(self.decay_channels(), options.dt_min, options.dt_max,
+                         options.dt_init_floor)
+        )  # fmt: skip
         low, high = options.a_init_range
         self.A_log = nn.Parameter(torch.empty(options.n_v_heads).uniform_(low, high).log())
         mark_no_weight_decay(self.dt_bias, self.A_log)
-        self.norm = HeadRMSNormGated(options.head_v_dim, options.norm_eps)
+        self.norm = HeadRMSNormGated(options.head_v_dim, options.norm_eps, self.gate_activation)
         self.out_proj = nn.Linear(value_width, d_model, bias=False)
+
+    def build_projections(self, d_model: int, options: GatedDeltaNetOptions) -> None:
+        """The input projections: one ``in_proj`` to [q, k, v, z, b, a]."""
+        gate_width = self.value_width if options.output_gate else 0
+        # [q, k, v, z, b, a]: the conv reads the first conv_dim channels.
+        self.split_sizes = [self.conv_dim, gate_width, options.n_v_heads, options.n_v_heads]
+        self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False)
+
+    def decay_channels(self) -> int:
+        """Entries of ``dt_bias``: one decay per value head."""
+        return self.options.n_v_heads
+
+    def project(
+        self, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(qkv (b, l, conv_dim), output gate z (b, l, value width) or None, beta's input b
+        (b, l, n_v_heads), the decay's input a (b, l, n_v_heads))."""
+        qkv, z, b, a = self.in_proj(hidden).split_with_sizes(self.split_sizes, -1)
+        return qkv, z if z.shape[-1] else None, b, a
+
+    def log_decay(self, a: torch.Tensor) -> torch.Tensor:
+        """``g = -exp(A_log) * softplus(a + dt_bias)``, (b, l, n_v_heads), float32 or wider."""
+        return state_matrix(self) * F.softplus(upcast(a) + upcast(self.dt_bias))
 
     def forward(
         self,
@@ -134,7 +158,7 @@ class GatedDeltaNet(Block):
         length = hidden.shape[1]
         valid = None if context is None or context.valid is None else context.valid[..., None]
         seq_idx = None if context is None else context.seq_idx
-        qkv, z, b, a = self.in_proj(hidden).split_with_sizes(self.split_sizes, -1)
+        qkv, z, b, a = self.project(hidden)
         step = cache is not None and length == 1 and valid is None
         qkv = causal_conv_silu(qkv, self.conv1d, cache, valid, step, seq_idx)
         q, k, v = qkv.split([self.key_width, self.key_width, self.value_width], -1)
@@ -144,9 +168,9 @@ class GatedDeltaNet(Block):
         beta = torch.sigmoid(b)
         if opts.allow_neg_eigval:
             beta = 2 * beta
-        g = state_matrix(self) * F.softplus(upcast(a) + upcast(self.dt_bias))  # (b, l, nv)
+        g = self.log_decay(a)  # (b, l, nv) or, per key channel, (b, l, nv, dk)
         if valid is not None:  # beta = 0, g = 0 at padding: the state does not change there
-            beta, g = beta * valid, g * valid
+            beta, g = beta * valid, g * valid.view(*valid.shape[:2], *(1,) * (g.dim() - 2))
         if step:
             state = cache.working_state()
             o = gated_delta_step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
@@ -161,7 +185,7 @@ class GatedDeltaNet(Block):
             if cache is not None:
                 o, final_state = o
                 cache.ssm_state.copy_(final_state)
-        gate = rearrange(z, "b l (h d) -> b l h d", d=opts.head_v_dim) if z.shape[-1] else None
+        gate = None if z is None else rearrange(z, "b l (h d) -> b l h d", d=opts.head_v_dim)
         o = self.norm(o, gate)
         return self.out_proj(rearrange(o, "b l h d -> b l (h d)"))
 

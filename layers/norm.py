@@ -92,21 +92,23 @@ def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class HeadRMSNormGated(nn.Module):
-    """``rmsnorm(x) * weight * silu(gate)`` per head: the norm before the gate, one weight
-    shared by all heads (Gated DeltaNet's output norm, as in flash-linear-attention's
-    ``FusedRMSNormGated`` and transformers' Qwen3-Next).
+    """``rmsnorm(x) * weight * act(gate)`` per head: the norm before the gate, one weight
+    shared by all heads (Gated DeltaNet's output norm with ``act = silu``, as in
+    flash-linear-attention's ``FusedRMSNormGated`` and transformers' Qwen3-Next; Kimi Delta
+    Attention's with ``act = sigmoid``).
 
     Shapes: x, gate (..., heads, head_dim) -> same; ``gate`` None: the norm alone.
     """
 
-    def __init__(self, head_dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, head_dim: int, eps: float = 1e-6, activation: str = "silu") -> None:
         super().__init__()
         self.eps = eps
+        self.activation = {"silu": F.silu, "sigmoid": torch.sigmoid}[activation]
         self.weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(self, hidden: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         x = upcast(hidden)
         normed = F.rms_norm(x, (x.shape[-1],), upcast(self.weight), self.eps)
         if gate is not None:
-            normed = normed * F.silu(upcast(gate))
+            normed = normed * self.activation(upcast(gate))
         return normed.to(hidden.dtype)

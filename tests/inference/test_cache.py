@@ -21,6 +21,7 @@ BASE = {
         "head_v_dim": 4,
         "chunk_size": 8,
     },
+    "kda": {"n_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 4, "chunk_size": 8},
     "attention": {"n_heads": 4, "n_kv_heads": 2},
     "moe": {"n_experts": 4, "top_k": 2, "expert_hidden_size": 16},
 }
@@ -52,7 +53,8 @@ def chunked_logits(model, ids, sizes, max_seqlen=None, attention_mask=None):
 @pytest.mark.parametrize(
     "pattern",
     [
-        "M", "S", "D", "C", "*", ["*", WINDOWED], "-E", "M-S*-E", "D-M*-E", "C-C*-", "[*M]-[SD]-",
+        "M", "S", "D", "K", "C", "*", ["*", WINDOWED], "-E", "M-S*-E", "D-M*-E", "K-*-E", "C-C*-",
+        "[*M]-[SD]-", "[*K]-",
         ["M", WINDOWED, "S", "*", "E", "M"], "S-SES-SE*-SES-SE",
     ],
 )  # fmt: skip
@@ -99,7 +101,18 @@ def left_pad(sequences, pad_id=0):
 
 @pytest.mark.parametrize(
     "pattern",
-    ["M", "S", "D", "C", "*", ["*", WINDOWED], "M-S*-E", ["S", WINDOWED, "M", "D", "C"], "[*M]-"],
+    [
+        "M",
+        "S",
+        "D",
+        "K",
+        "C",
+        "*",
+        ["*", WINDOWED],
+        "M-S*-E",
+        ["S", WINDOWED, "M", "D", "C"],
+        "[*M]-",
+    ],
 )
 def test_left_padded_batch_equals_each_sequence_alone(pattern):
     torch.manual_seed(1)
@@ -171,7 +184,7 @@ def test_capacity_is_checked_before_any_work():
 
 
 def test_cache_bytes_match_hybrid_info_and_windows_are_bounded():
-    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E", "D", "C"], **BASE)
+    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E", "D", "K", "C"], **BASE)
     model = HybridLM(config)
     for context in (3, 100):
         cache = model.allocate_cache(1, context, dtype=torch.bfloat16)
@@ -230,7 +243,8 @@ def test_a_single_left_padded_row_equals_no_padding():
 
 
 @pytest.mark.parametrize(
-    "pattern", ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"], "D-*-", "C-*-", "[*M]-"]
+    "pattern",
+    ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"], "D-*-", "K-*-", "C-*-", "[*M]-"],
 )
 def test_static_decode_step_equals_the_dynamic_path(pattern):
     torch.manual_seed(7)

@@ -156,6 +156,7 @@ def build(pattern: str, position: str = "rope", seed: int = 0, window: int | Non
         mamba2={"d_state": 8, "headdim": 8, "chunk_size": 8},
         mamba1={"d_state": 4},
         gated_deltanet={"n_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "chunk_size": 8},
+        kda={"n_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "chunk_size": 8},
         moe={"n_experts": 4, "top_k": 2, "expert_hidden_size": 32},
     )  # fmt: skip
     return HybridLM(config)
@@ -172,6 +173,7 @@ CASES = [
     ("*-*-", "sinusoidal", None),
     ("M-S-*-", "none", None),
     ("D-*-D-", "rope", None),
+    ("K-*-K-", "rope", None),
     ("C-*-C-", "rope", None),
     ("[*M]-[DC]-", "rope", None),
     ("*-M-", "rope", 6),  # sliding window
