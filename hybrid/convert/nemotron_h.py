@@ -408,7 +408,7 @@ def weights_to_hf(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[
     check_expressible(config)
     out = name_map(config).to_hf(state)
     # transformers never ties the head, and its router always has a correction bias
-    out.setdefault("lm_head.weight", out["backbone.embeddings.weight"])
+    out.setdefault("lm_head.weight", out["backbone.embeddings.weight"].clone())
     for index, (name, options) in enumerate(zip(config.layers, config.layer_options, strict=True)):
         if name == "moe" and not options.score_correction_bias:
             bias = f"{LAYER.format(index)}mixer.gate.e_score_correction_bias"

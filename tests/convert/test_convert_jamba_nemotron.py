@@ -220,11 +220,14 @@ def test_nemotron_h_config_round_trip():
 
 
 @needs_torch_ssm_path
-def test_nemotron_h_from_our_model(tmp_path):
-    """A model of ours (no correction bias, default dt clamp) written as Nemotron-H."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_nemotron_h_from_our_model(tied, tmp_path):
+    """A model of ours (no correction bias, default dt clamp) written as Nemotron-H; a tied
+    head is written as a copy of the embedding (transformers never ties them)."""
     torch.manual_seed(0)
     config = HybridConfig(
         pattern="M*-E",
+        tie_embeddings=tied,
         vocab_size=64,
         d_model=32,
         attention={"n_heads": 4, "rope": False},
