@@ -26,7 +26,8 @@ from layers.parallel import resolve_mixers
 from layers.registry import get_block
 
 BUILTIN_FAMILIES = (
-    "attention", "mamba2", "mamba1", "gated_deltanet", "kda", "short_conv", "mlp", "moe",
+    "attention", "latent_attention", "mamba2", "mamba1", "gated_deltanet", "kda", "short_conv",
+    "mlp", "moe",
 )  # fmt: skip
 
 
@@ -62,9 +63,9 @@ class HybridConfig:
         pattern: the layout, in any form :func:`hybrid.pattern.parse_pattern` accepts.
         vocab_size: token vocabulary size.
         d_model: residual stream width.
-        attention / mamba2 / mamba1 / gated_deltanet / kda / short_conv / mlp / moe: options of
-            each block family (a mapping or the family's options dataclass), used by every
-            sublayer of that family (and by the mixers inside ``parallel`` sublayers).
+        attention / latent_attention / mamba2 / mamba1 / gated_deltanet / kda / short_conv / mlp /
+        moe: options of each block family (a mapping or the family's options dataclass), used
+            by every sublayer of that family (and by the mixers inside ``parallel`` sublayers).
         blocks: options of user-registered block families, by registry name.
         layer_overrides: per-sublayer options by index, e.g. ``{3: {"window": 256}}``
             (the list form of ``pattern`` can carry them too).
@@ -94,6 +95,7 @@ class HybridConfig:
     vocab_size: int = 32000
     d_model: int = 512
     attention: Any = field(default_factory=dict)
+    latent_attention: Any = field(default_factory=dict)
     mamba2: Any = field(default_factory=dict)
     mamba1: Any = field(default_factory=dict)
     gated_deltanet: Any = field(default_factory=dict)

@@ -49,19 +49,20 @@ class Int8KVCache(KVCache):
 
     @classmethod
     def like(cls, cache: KVCache) -> Int8KVCache:
-        """An empty int8 cache of ``cache``'s shape, window and device."""
+        """An empty int8 cache of ``cache``'s shapes (values may be narrower than keys, as in
+        latent attention), window and device."""
         batch, heads, capacity, _ = cache.keys.shape
         device = cache.keys.device
 
-        def codes() -> torch.Tensor:
-            return torch.zeros(cache.keys.shape, dtype=torch.int8, device=device)
+        def codes(like: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(like.shape, dtype=torch.int8, device=device)
 
         def scales() -> torch.Tensor:
             return torch.zeros(batch, heads, capacity, 1, dtype=SCALE_DTYPE, device=device)
 
         return cls(
-            keys=codes(),
-            values=codes(),
+            keys=codes(cache.keys),
+            values=codes(cache.values),
             key_index=torch.full_like(cache.key_index, -1),
             valid=torch.zeros_like(cache.valid),
             window=cache.window,

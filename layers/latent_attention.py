@@ -34,7 +34,7 @@ from layers.norm import RMSNorm
 from layers.options import require, require_choice, require_finite_number, require_positive_int
 from layers.registry import register_block
 from layers.rope import RotaryEmbedding
-from layers.rope_scaling import _yarn_mscale, check_scaling
+from layers.rope_scaling import check_scaling, yarn_mscale
 
 POSITIONS = ("rope", "none")
 
@@ -164,7 +164,7 @@ class LatentAttentionOptions:
         scale = self.qk_head_dim**-0.5
         scaling = self.rope_scaling or {}
         if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
-            scale *= _yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2
+            scale *= yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2
         return scale
 
 
@@ -310,12 +310,6 @@ class LatentAttention(Block):
         kv_lora_rank + rope) over keys (b, 1, K, kv_lora_rank + rope) and values (b, 1, K,
         kv_lora_rank).
         """
-        require(
-            cache.values.shape[-1] == self.options.kv_lora_rank,
-            "kv_dtype",
-            "an int8 cache (Int8KVCache) keeps values as wide as keys, which latent_attention's "
-            "latent cache cannot use; choose a float kv_dtype",
-        )
         w_uk, w_uv = self.absorbed_weights()
         q_latent = einsum(q_nope, w_uk, "b l h d, h d r -> b h l r")
         q = torch.cat([q_latent, rearrange(q_rot, "b l h d -> b h l d")], dim=-1)

@@ -72,7 +72,7 @@ def check_scaling(scaling: Any, where: str) -> dict[str, Any] | None:
     return dict(scaling)
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -118,9 +118,9 @@ def scaled_inv_freq(
     if attention is None:
         mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if mscale and mscale_all:
-            attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+            attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
         else:
-            attention = _yarn_mscale(factor)
+            attention = yarn_mscale(factor)
     return inv_freq, float(attention)
 
 

@@ -351,3 +351,45 @@ def olmo_hybrid_config(**overrides):
         tie_word_embeddings=False,
     )
     return OlmoHybridConfig(**{**values, **overrides})
+
+
+def kimi_linear_config(**overrides):
+    """``K- LE KE L-``: Kimi Delta Attention (a decay per key channel, a conv of 3) and latent
+    attention without positional encoding whose value heads (12) are wider than the keys' nope
+    part (8) and whose shared key part is 4 wide; dense MLPs at 0 and 3 (``mlp_layer_types``),
+    elsewhere DeepSeek-V3's MoE: sigmoid router with a score-correction bias, two groups of two
+    experts (one eligible), unnormalised top-2 weights scaled by 2.5, two shared experts."""
+    from transformers import KimiLinearConfig
+
+    values = dict(
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "dense"],
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=12,
+        linear_num_heads=2,
+        linear_head_dim=8,
+        linear_conv_kernel_dim=3,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=12,
+        n_shared_experts=2,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=2.5,
+        rms_norm_eps=1e-3,
+        tie_word_embeddings=False,
+    )
+    return KimiLinearConfig(**{**values, **overrides})

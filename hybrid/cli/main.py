@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert between transformers model directories and ours",
         description="--from-hf DIR: a transformers directory (llama, mamba, falcon_mamba, "
         "mamba2, bamba, jamba, nemotron_h, qwen3_next, lfm2, falcon_h1, granitemoehybrid, "
-        "olmo_hybrid) to our checkpoint; --to-hf PATH --model-type TYPE: ours (a model or run "
-        "directory, or a training .ckpt) to transformers.",
+        "olmo_hybrid, kimi_linear) to our checkpoint; --to-hf PATH --model-type TYPE: ours (a "
+        "model or run directory, or a training .ckpt) to transformers.",
     )
     direction = convert.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="transformers model directory")

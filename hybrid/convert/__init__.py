@@ -5,11 +5,12 @@
 directory, model_type)`` writes one that transformers loads.
 
 One module per model type (llama, mamba, falcon_mamba, mamba2, bamba, jamba, nemotron_h,
-falcon_h1, granitemoehybrid, lfm2, qwen3_next, olmo_hybrid: :class:`Converter`; falcon_mamba
-is mamba's plain Mamba-1 stack with weight-free inner norms), each its tensor names as one table
-(:mod:`~hybrid.convert.mapping`: the engine that applies a table in both directions), built
-from the block families several types share (:mod:`~hybrid.convert.blocks`: attention, MLP,
-Mamba-2 / Mamba-1 mixers, experts, Qwen3-Next's fused projections, and their config keys);
+falcon_h1, granitemoehybrid, lfm2, qwen3_next, olmo_hybrid, kimi_linear: :class:`Converter`;
+falcon_mamba is mamba's plain Mamba-1 stack with weight-free inner norms), each its tensor names
+as one table (:mod:`~hybrid.convert.mapping`: the engine that applies a table in both
+directions), built from the block families several types share (:mod:`~hybrid.convert.blocks`:
+attention, MLP, Mamba-2 / Mamba-1 mixers, experts, Qwen3-Next's fused projections, and their
+config keys);
 :mod:`~hybrid.convert.hf_config` holds what their config sides share,
 :mod:`~hybrid.convert.common` model directories and errors.
 """
@@ -46,6 +47,7 @@ CONVERTERS = {
     "lfm2": "lfm2",
     "qwen3_next": "qwen3_next",
     "olmo_hybrid": "olmo_hybrid",
+    "kimi_linear": "kimi_linear",
 }
 
 

@@ -244,7 +244,7 @@ class LeakyOptions:
         return self
 
 
-@register_block("leaky_mixer", symbol="L", options=LeakyOptions)
+@register_block("leaky_mixer", symbol="Y", options=LeakyOptions)
 class LeakyMixer(Block):
     """A user mixer that knows nothing of documents (a running mean over the sequence)."""
 
@@ -258,7 +258,7 @@ class LeakyMixer(Block):
 
 
 def test_mixer_that_ignores_documents_is_refused():
-    model = HybridLM(HybridConfig("M-L-", vocab_size=61, d_model=32, mamba2={"headdim": 8}))
+    model = HybridLM(HybridConfig("M-Y-", vocab_size=61, d_model=32, mamba2={"headdim": 8}))
     ids = torch.randint(0, 61, (1, 10))
     with pytest.raises(ValueError, match=r"^layers\[2\]: block 'leaky_mixer' mixes tokens but"):
         model(ids, seq_idx=torch.zeros(1, 10, dtype=torch.long))
