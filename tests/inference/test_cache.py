@@ -23,6 +23,7 @@ BASE = {
     },
     "kda": {"n_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 4, "chunk_size": 8},
     "attention": {"n_heads": 4, "n_kv_heads": 2},
+    "latent_attention": {"n_heads": 2, "q_lora_rank": 12, "kv_lora_rank": 16},
     "moe": {"n_experts": 4, "top_k": 2, "expert_hidden_size": 16},
 }
 WINDOWED = {"block": "attention", "window": 5}
@@ -53,7 +54,8 @@ def chunked_logits(model, ids, sizes, max_seqlen=None, attention_mask=None):
 @pytest.mark.parametrize(
     "pattern",
     [
-        "M", "S", "D", "K", "C", "*", ["*", WINDOWED], "-E", "M-S*-E", "D-M*-E", "K-*-E", "C-C*-",
+        "M", "S", "D", "K", "C", "*", "L", ["*", WINDOWED], "-E", "M-S*-E", "D-M*-E", "K-L-E",
+        "C-C*-", "[LM]-",
         "[*M]-[SD]-", "[*K]-",
         ["M", WINDOWED, "S", "*", "E", "M"], "S-SES-SE*-SES-SE",
     ],
@@ -108,6 +110,7 @@ def left_pad(sequences, pad_id=0):
         "K",
         "C",
         "*",
+        "L",
         ["*", WINDOWED],
         "M-S*-E",
         ["S", WINDOWED, "M", "D", "C"],
@@ -184,7 +187,7 @@ def test_capacity_is_checked_before_any_work():
 
 
 def test_cache_bytes_match_hybrid_info_and_windows_are_bounded():
-    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E", "D", "K", "C"], **BASE)
+    config = HybridConfig(["M", "S", "*", WINDOWED, "-", "E", "D", "K", "C", "L"], **BASE)
     model = HybridLM(config)
     for context in (3, 100):
         cache = model.allocate_cache(1, context, dtype=torch.bfloat16)
@@ -244,7 +247,7 @@ def test_a_single_left_padded_row_equals_no_padding():
 
 @pytest.mark.parametrize(
     "pattern",
-    ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"], "D-*-", "K-*-", "C-*-", "[*M]-"],
+    ["M-S*-E", ["M", WINDOWED, "S", "*"], [WINDOWED, "-"], "D-*-", "K-L-", "C-*-", "[*M]-"],
 )
 def test_static_decode_step_equals_the_dynamic_path(pattern):
     torch.manual_seed(7)

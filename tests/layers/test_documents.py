@@ -157,6 +157,7 @@ def build(pattern: str, position: str = "rope", seed: int = 0, window: int | Non
         mamba1={"d_state": 4},
         gated_deltanet={"n_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "chunk_size": 8},
         kda={"n_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "chunk_size": 8},
+        latent_attention={"n_heads": 2, "kv_lora_rank": 16, "position": position},
         moe={"n_experts": 4, "top_k": 2, "expert_hidden_size": 32},
     )  # fmt: skip
     return HybridLM(config)
@@ -174,6 +175,8 @@ CASES = [
     ("M-S-*-", "none", None),
     ("D-*-D-", "rope", None),
     ("K-*-K-", "rope", None),
+    ("L-M-L-", "rope", None),
+    ("L-K-", "none", None),
     ("C-*-C-", "rope", None),
     ("[*M]-[DC]-", "rope", None),
     ("*-M-", "rope", 6),  # sliding window
