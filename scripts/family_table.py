@@ -33,6 +33,7 @@ FAMILIES = {
     "lfm2_like": "LFM2 (short convs + attention)",
     "falcon_h1_like": "Falcon-H1 (attention beside Mamba-2)",
     "olmo_hybrid_like": "OLMo hybrid (Gated DeltaNet 3:1, OLMo 2 attention)",
+    "kimi_linear_like": "Kimi Linear (KDA 3:1, latent attention, MoE)",
 }
 CONTEXT = 32768
 VOCAB = 257  # the byte tokenizer the recipes train with

@@ -27,6 +27,7 @@ SAME_BUDGET = [
     "lfm2_like",
     "falcon_h1_like",
     "olmo_hybrid_like",
+    "kimi_linear_like",
 ]
 RECIPE_PATHS = sorted(path for path in RECIPES.glob("*.yaml") if path != SWEEP)
 
@@ -73,7 +74,9 @@ def mixers_and_feedforwards(layers: list[str]) -> tuple[list[str], list[str]]:
     """Split a (mixer, feed-forward) * n stack into its two halves."""
     assert len(layers) % 2 == 0
     mixers, feedforwards = layers[0::2], layers[1::2]
-    assert set(mixers) <= {"attention", "mamba1", "mamba2", "gated_deltanet", "short_conv"}, layers
+    known = {"attention", "latent_attention", "mamba1", "mamba2", "gated_deltanet", "kda",
+             "short_conv"}  # fmt: skip
+    assert set(mixers) <= known, layers
     assert set(feedforwards) <= {"mlp", "moe"}, layers
     return mixers, feedforwards
 
@@ -190,6 +193,19 @@ def test_olmo_hybrid_like_is_gated_deltanet_three_to_one_with_post_norm_attentio
             assert options.allow_neg_eigval and options.head_v_dim == 2 * options.head_k_dim
 
 
+def test_kimi_linear_like_is_kda_three_to_one_with_latent_attention_and_moe():
+    built = config("kimi_linear_like")
+    mixers, feedforwards = mixers_and_feedforwards(built.layers)
+    assert mixers == ["kda"] * 3 + ["latent_attention"] + ["kda"] * 3 + ["latent_attention"]
+    assert feedforwards == ["mlp"] + ["moe"] * 7  # the first layer dense, as Kimi Linear
+    for name, options in zip(built.layers, built.layer_options, strict=True):
+        if name == "latent_attention":
+            assert options.position == "none" and options.kv_lora_rank == 128
+        elif name == "moe":
+            assert (options.router, options.score_correction_bias) == ("sigmoid", True)
+            assert (options.n_groups, options.topk_groups, options.n_shared_experts) == (2, 1, 1)
+
+
 # One budget for the same-budget recipes.
 
 
@@ -300,6 +316,7 @@ def test_every_swept_value_is_a_valid_recipe_override(name, value):
         ("lfm2_like", "lfm2"),
         ("falcon_h1_like", "falcon_h1"),
         ("olmo_hybrid_like", "olmo_hybrid"),
+        ("kimi_linear_like", "kimi_linear"),
     ],
 )
 def test_anchor_recipes_are_expressible_as_their_transformers_type(name, model_type):
