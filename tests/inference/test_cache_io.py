@@ -24,6 +24,8 @@ BASE = {
     "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8},
     "mamba1": {"d_state": 4},
     "attention": {"n_heads": 4, "n_kv_heads": 2},
+    "kda": {"n_heads": 2, "head_k_dim": 8, "chunk_size": 8},
+    "latent_attention": {"n_heads": 2, "kv_lora_rank": 16},
     "moe": {"n_experts": 4, "expert_hidden_size": 16},
 }
 MAX_SEQLEN = 32
@@ -139,8 +141,9 @@ def test_prefill_and_decode_in_another_process_match_one_process(tmp_path, padde
     assert got["real_lengths"] == [n + N_DECODE - 1 for n in real]
 
 
-def test_round_trip_restores_every_tensor_and_continues_identically(tmp_path):
-    model = make_model()
+@pytest.mark.parametrize("pattern", [PATTERN, ["M", {"block": "attention", "window": 5}, "K", "L"]])
+def test_round_trip_restores_every_tensor_and_continues_identically(pattern, tmp_path):
+    model = make_model(pattern=pattern)
     ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(3))
     cache, first = prefill(model, ids)
     cache.select(torch.tensor([2, 0]))  # a cache after beam reordering / dropping rows

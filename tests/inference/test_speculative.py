@@ -11,6 +11,8 @@ SHARED = {
     "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8},
     "mamba1": {"d_state": 4},
     "attention": {"n_heads": 2},
+    "kda": {"n_heads": 2, "head_k_dim": 8, "chunk_size": 4},
+    "latent_attention": {"n_heads": 2, "kv_lora_rank": 8},
     "moe": {"n_experts": 4, "expert_hidden_size": 16},
 }
 
@@ -23,7 +25,7 @@ def build(pattern, vocab=20, d_model=16, seed=0):
 TARGET_PATTERN = ["M", {"block": "attention", "window": 4}, "S", "*", "E"]
 
 
-@pytest.mark.parametrize("draft_pattern", ["M", "S-", "*"])
+@pytest.mark.parametrize("draft_pattern", ["M", "S-", "*", "K-", "L-"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_is_token_for_token_the_targets(draft_pattern, k):
     target = build(TARGET_PATTERN, d_model=32)
@@ -71,8 +73,11 @@ def test_sampling_follows_the_target_distribution():
     assert 0 < accepted < drafted  # both branches of the acceptance rule ran
 
 
-def test_checkpoint_and_rollback_restore_every_layer_type():
-    model = build(TARGET_PATTERN, d_model=32)
+@pytest.mark.parametrize(
+    "pattern", [TARGET_PATTERN, ["K", {"block": "latent_attention", "window": 4}, "L", "D"]]
+)
+def test_checkpoint_and_rollback_restore_every_layer_type(pattern):
+    model = build(pattern, d_model=32)
     ids = torch.randint(0, 20, (2, 14))
     with torch.no_grad():
         cache = model.allocate_cache(2, 20)
