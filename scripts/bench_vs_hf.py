@@ -16,7 +16,7 @@ favour either side. ``--rounds N`` runs every (config, framework) process N time
 frameworks taking turns, and reports the median of each metric over the rounds.
 
 Usage: python scripts/bench_vs_hf.py [--configs bamba jamba nemotron_h qwen3_next falcon_h1
-       olmo_hybrid]
+       olmo_hybrid kimi_linear]
        [--repeats 3]
        [--rounds 3] [--device cpu|cuda]
 Writes docs/bench_vs_hf.json (bench_vs_hf_cuda.json) and the "hybrid vs transformers on CPU"
@@ -48,7 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VOCAB = 1024
-CONFIG_ORDER = ["bamba", "jamba", "nemotron_h", "qwen3_next", "falcon_h1", "olmo_hybrid"]
+CONFIG_ORDER = [
+    "bamba", "jamba", "nemotron_h", "qwen3_next", "falcon_h1", "olmo_hybrid", "kimi_linear",
+]  # fmt: skip
 
 
 def hf_config(name: str, kernels: bool = False):
@@ -57,6 +59,7 @@ def hf_config(name: str, kernels: bool = False):
         BambaConfig,
         FalconH1Config,
         JambaConfig,
+        KimiLinearConfig,
         NemotronHConfig,
         OlmoHybridConfig,
         Qwen3NextConfig,
@@ -115,9 +118,21 @@ def hf_config(name: str, kernels: bool = False):
             linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=48,
             linear_value_head_dim=96, tie_word_embeddings=True,
         )  # fmt: skip
+    if name == "kimi_linear":  # KDA 3:1 with NoPE latent attention, DeepSeek-V3 MoE
+        return KimiLinearConfig(
+            vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=256,
+            num_hidden_layers=8, intermediate_size=768,
+            layer_types=["linear_attention"] * 3 + ["full_attention"]
+            + ["linear_attention"] * 3 + ["full_attention"],
+            mlp_layer_types=["dense"] + ["sparse"] * 7, num_attention_heads=4,
+            num_key_value_heads=4, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+            v_head_dim=64, linear_num_heads=4, linear_head_dim=64, num_local_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=256, n_shared_experts=1, n_group=1,
+            topk_group=1,
+        )  # fmt: skip
     raise ValueError(
         f"--configs: unknown config {name!r}; "
-        "choose bamba, jamba, nemotron_h, qwen3_next, falcon_h1, olmo_hybrid"
+        "choose bamba, jamba, nemotron_h, qwen3_next, falcon_h1, olmo_hybrid, kimi_linear"
     )
 
 
