@@ -271,6 +271,7 @@ TARGETS = {  # config -> metric -> hybrid / transformers, from the issues
     "qwen3_next": targets(2, 2),
     "falcon_h1": targets(2, 2),
     "olmo_hybrid": targets(2, 2),  # issue 17's target for the 2025-26 hybrids
+    "kimi_linear": targets(2, 2),
 }
 DECODE_ROWS = {  # metric -> row label; transformers' row is its default generate each time
     "decode_eager_ms_per_token": "decode ms/token, default (hybrid: eager, no compile)",
