@@ -291,6 +291,32 @@ class KVCache(CacheEntry):
     valid: torch.Tensor
     window: int | None = None
 
+    @classmethod
+    def empty(
+        cls,
+        batch_size: int,
+        max_seqlen: int,
+        window: int | None,
+        n_kv_heads: int,
+        key_dim: int,
+        value_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_seqlen`` tokens: every
+        slot, or a ring of ``window`` slots when the window is shorter; keys of ``key_dim``
+        and values of ``value_dim`` channels per head."""
+        capacity = max_seqlen if window is None else min(window, max_seqlen)
+        ring = None if window is None or window >= max_seqlen else window
+        shape = (batch_size, n_kv_heads, capacity)
+        return cls(
+            keys=torch.zeros(*shape, key_dim, dtype=dtype, device=device),
+            values=torch.zeros(*shape, value_dim, dtype=dtype, device=device),
+            key_index=torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
+            valid=torch.zeros(batch_size, capacity, dtype=torch.bool, device=device),
+            window=ring,
+        )  # fmt: skip
+
     def checkpoint(self) -> KVCache | None:
         # Full attention needs nothing: after a rollback the next call overwrites the slots
         # from the restored length on before it reads up to its own end, so stale slots are
@@ -538,16 +564,10 @@ class Attention(Block):
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
     ) -> KVCache:
         opts = self.options
-        capacity = max_seqlen if opts.window is None else min(opts.window, max_seqlen)
-        window = None if opts.window is None or opts.window >= max_seqlen else opts.window
-        shape = (batch_size, opts.n_kv_heads, capacity, opts.head_dim)
-        return KVCache(
-            keys=torch.zeros(shape, dtype=dtype, device=device),
-            values=torch.zeros(shape, dtype=dtype, device=device),
-            key_index=torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
-            valid=torch.zeros(batch_size, capacity, dtype=torch.bool, device=device),
-            window=window,
-        )
+        return KVCache.empty(
+            batch_size, max_seqlen, opts.window, opts.n_kv_heads, opts.head_dim, opts.head_dim,
+            dtype, device,
+        )  # fmt: skip
 
     @classmethod
     def inference_state_bytes(

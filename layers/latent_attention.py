@@ -327,16 +327,10 @@ class LatentAttention(Block):
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device: torch.device
     ) -> LatentKVCache:
         opts = self.options
-        capacity = max_seqlen if opts.window is None else min(opts.window, max_seqlen)
-        window = None if opts.window is None or opts.window >= max_seqlen else opts.window
-        shape = (batch_size, 1, capacity)
-        return LatentKVCache(
-            keys=torch.zeros(*shape, opts.latent_key_dim, dtype=dtype, device=device),
-            values=torch.zeros(*shape, opts.kv_lora_rank, dtype=dtype, device=device),
-            key_index=torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
-            valid=torch.zeros(batch_size, capacity, dtype=torch.bool, device=device),
-            window=window,
-        )
+        return LatentKVCache.empty(
+            batch_size, max_seqlen, opts.window, 1, opts.latent_key_dim, opts.kv_lora_rank,
+            dtype, device,
+        )  # fmt: skip
 
     @classmethod
     def inference_state_bytes(
