@@ -102,10 +102,13 @@ def causal_conv(x, weight, bias=None, *, silu=False, initial_state=None):
 
 def gated_delta(q, k, v, g, beta, *, scale=None, initial_state=None, seq_idx=None):
     """Gated DeltaNet as the paper writes it, state S (d_v, d_k) per value head:
-    S_t = S_{t-1} exp(g_t) (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = scale S_t q_t.
+    S_t = S_{t-1} exp(g_t) (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = scale S_t q_t;
+    with g per key channel (Kimi Delta Attention) exp(g_t) is the diagonal matrix
+    Diag(exp(g_t)): S_t = S_{t-1} Diag(exp(g_t)) (I - beta_t k_t k_t^T) + beta_t v_t k_t^T.
 
     q/k (b, l, hk, dk), v (b, l, hv, dv) with hv a multiple of hk (value head h reads key head
-    h // (hv // hk)), g/beta (b, l, hv), initial_state (b, hv, dk, dv) (our layout: S^T),
+    h // (hv // hk)), g (b, l, hv) or (b, l, hv, dk), beta (b, l, hv), initial_state
+    (b, hv, dk, dv) (our layout: S^T),
     seq_idx (b, l): S restarts from zero where it changes. scale None: dk ** -0.5. Returns o
     (b, l, hv, dv) and the final state (b, hv, dk, dv), float64.
     """
@@ -123,8 +126,11 @@ def gated_delta(q, k, v, g, beta, *, scale=None, initial_state=None, seq_idx=Non
             S = S * (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None, None, None]
         qt, kt = q[:, t, head].double(), k[:, t, head].double()  # (b, hv, dk)
         vt, bt = v[:, t].double(), beta[:, t].double()[..., None, None]
-        decay = torch.exp(g[:, t].double())[..., None, None]
         kk = kt[..., :, None] * kt[..., None, :]  # (b, hv, dk, dk)
-        S = decay * S @ (eye - bt * kk) + bt * vt[..., :, None] * kt[..., None, :]
+        if g.dim() == 4:  # S Diag(a): column j of S (key channel j) times a_j
+            decayed = S * torch.exp(g[:, t].double())[..., None, :]
+        else:
+            decayed = S * torch.exp(g[:, t].double())[..., None, None]
+        S = decayed @ (eye - bt * kk) + bt * vt[..., :, None] * kt[..., None, :]
         outputs.append(scale * (S @ qt[..., None])[..., 0])
     return torch.stack(outputs, 1), S.transpose(-1, -2)

@@ -1,10 +1,11 @@
 """The real upstream kernels, runnable on CPU tensors (the kernel test mode's machinery).
 
 mamba-ssm's Triton kernels (``mamba_chunk_scan_combined``, ``selective_state_update``) and
-flash-linear-attention's (``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule``) run
-under Triton's interpreter (``TRITON_INTERPRET=1``); the CUDA-only ``selective_scan_fn``,
-``causal_conv1d_fn`` and ``causal_conv1d_update`` are replaced by upstream's own reference
-implementations, which are their specification and share their signatures.
+flash-linear-attention's (``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule``,
+``chunk_kda``, ``fused_recurrent_kda``) run under Triton's interpreter (``TRITON_INTERPRET=1``);
+the CUDA-only ``selective_scan_fn``, ``causal_conv1d_fn`` and ``causal_conv1d_update`` are
+replaced by upstream's own reference implementations, which are their specification and share
+their signatures.
 
 What it takes, all process-wide, which is why the mode runs in its own process
 (tests/kernel_mode/README.md):
@@ -129,13 +130,19 @@ def upstream_ops() -> tuple[SimpleNamespace, SimpleNamespace]:
 @functools.cache
 def fla_upstream_ops() -> SimpleNamespace:
     """The namespace that ``layers.ops.delta.fla_ops`` would return on a GPU, runnable on CPU:
-    fla's ``chunk_gated_delta_rule`` and ``fused_recurrent_gated_delta_rule``."""
+    fla's ``chunk_gated_delta_rule`` and ``fused_recurrent_gated_delta_rule`` (a decay per head),
+    ``chunk_kda`` and ``fused_recurrent_kda`` (a decay per key channel). fla's backend dispatch
+    in front of the kda functions finds none of its alternatives here (TileLang and FlashKDA not
+    installed, no Ascend NPU), so they run fla's Triton kernels."""
     install()
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.kda import chunk_kda, fused_recurrent_kda
 
     return SimpleNamespace(
         chunk_gated_delta_rule=chunk_gated_delta_rule,
         fused_recurrent_gated_delta_rule=fused_recurrent_gated_delta_rule,
+        chunk_kda=chunk_kda,
+        fused_recurrent_kda=fused_recurrent_kda,
     )
 
 

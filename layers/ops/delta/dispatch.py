@@ -107,8 +107,11 @@ def gated_delta_rule(
             extra["cu_seqlens"] = _cu_seqlens(seq_idx)
         else:
             vr, gr, br = v, g, beta
+        # fla's chunk_kda asserts a float32 initial state (a bfloat16 state cache passes its
+        # state as it is); chunk_gated_delta_rule reads any dtype in float32 anyway.
+        h0 = None if initial_state is None else initial_state.float()
         o, final = chunk_kernel(
-            qr, kr, vr, gr.float(), br, scale=scale, initial_state=initial_state,
+            qr, kr, vr, gr.float(), br, scale=scale, initial_state=h0,
             output_final_state=return_final_state, **extra,
         )  # fmt: skip
         if seq_idx is not None:
