@@ -524,13 +524,8 @@ class Attention(Block):
         if opts.qk_norm and opts.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            positions = (
-                context.positions
-                if context is not None
-                else torch.arange(hidden.shape[1], device=hidden.device)
-            )
-            cos, sin = self.rotary.cos_sin(positions, q.dtype)
-            q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+            positions = None if context is None else context.positions
+            q, k = self.rotary.rotate_queries_and_keys(q, k, positions)
         if opts.softmax_scale is not None:  # the kernels' default 1/sqrt(d) times this factor
             q = q * (opts.softmax_scale * math.sqrt(opts.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -247,13 +247,8 @@ class LatentAttention(Block):
         latent = self.kv_a_layernorm(latent)  # (b, l, kv_lora_rank)
         k_rot = k_rot.unsqueeze(2)  # (b, l, 1, rope): one key head shared by all query heads
         if self.rotary is not None:
-            positions = (
-                context.positions
-                if context is not None
-                else torch.arange(hidden.shape[1], device=hidden.device)
-            )
-            cos, sin = self.rotary.cos_sin(positions, q.dtype)
-            q_rot, k_rot = self.rotary(q_rot, cos, sin), self.rotary(k_rot, cos, sin)
+            positions = None if context is None else context.positions
+            q_rot, k_rot = self.rotary.rotate_queries_and_keys(q_rot, k_rot, positions)
         if cache is None:
             out = self.expanded_attention(q_nope, q_rot, latent, k_rot, context)
         else:

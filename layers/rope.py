@@ -63,6 +63,16 @@ class RotaryEmbedding(nn.Module):
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
 
+    def rotate_queries_and_keys(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` and ``k`` (batch, seqlen, heads, head_dim; their head counts may differ)
+        rotated by ``positions`` ((batch, seqlen) or (seqlen,); None: 0 .. seqlen - 1)."""
+        if positions is None:
+            positions = torch.arange(q.shape[1], device=q.device)
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return self(q, cos, sin), self(k, cos, sin)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (batch, seqlen, heads, head_dim) by cos/sin of shape (seqlen, rotary_dim)
         or (batch, seqlen, rotary_dim)."""
