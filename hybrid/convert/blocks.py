@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.common import unsupported
+from hybrid.convert.common import take, unsupported
 from hybrid.convert.hf_config import require_value
 from hybrid.convert.mapping import PerExpert, Table
 
@@ -298,3 +298,28 @@ def gated_query_to_hf(query: torch.Tensor, gate: torch.Tensor, n_heads: int) -> 
     """Inverse of :func:`gated_query_from_hf`: Qwen3-Next's interleaved ``q_proj``."""
     per_head = [t.view(n_heads, -1, *t.shape[1:]) for t in (query, gate)]
     return torch.stack(per_head, 1).flatten(0, 2)
+
+
+# The delta-rule checkpoints' (OLMo hybrid's, Kimi Linear's) separate convs over q, k and v:
+# our one conv1d over [q, k, v].
+SPLIT_QKV_CONVS = ("q_conv1d", "k_conv1d", "v_conv1d")
+
+
+def stack_projections(
+    state: dict[str, torch.Tensor], prefix: str, parts: tuple[str, ...], stacked: str
+) -> None:
+    """Replace ``{prefix}{part}.weight`` of every part by their rows stacked, in order, as
+    ``{prefix}{stacked}.weight`` (a fused projection of ours)."""
+    weights = [take(state, f"{prefix}{part}.weight") for part in parts]
+    state[f"{prefix}{stacked}.weight"] = torch.cat(weights, 0)
+
+
+def split_projection(
+    state: dict[str, torch.Tensor], prefix: str, stacked: str, parts: tuple[str, ...],
+    sizes: list[int],
+) -> None:  # fmt: skip
+    """Inverse of :func:`stack_projections`: ``{prefix}{stacked}.weight`` split into
+    ``sizes`` rows, one ``{prefix}{part}.weight`` each."""
+    weights = state.pop(f"{prefix}{stacked}.weight").split(sizes, 0)
+    for part, weight in zip(parts, weights, strict=True):
+        state[f"{prefix}{part}.weight"] = weight.contiguous()

@@ -178,3 +178,16 @@ def take(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in state:
         raise ValueError(f"weights: missing tensor {name!r}")
     return state.pop(name)
+
+
+def renamed(state: dict[str, torch.Tensor], names: list[tuple[str, str]]) -> dict:
+    """``state`` with every ``old`` of ``names`` in a tensor name written ``new`` (in order):
+    a checkpoint's names for the ones transformers uses in memory, or back."""
+    return {renamed_name(name, names): tensor for name, tensor in state.items()}
+
+
+def renamed_name(name: str, names: list[tuple[str, str]]) -> str:
+    """``name`` with every ``old`` of ``names`` in it written ``new`` (in order)."""
+    for old, new in names:
+        name = name.replace(old, new)
+    return name

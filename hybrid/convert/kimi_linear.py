@@ -53,8 +53,16 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.blocks import EXPERTS, MLP, same_names, unpacked_gate_up
-from hybrid.convert.common import take, unsupported
+from hybrid.convert.blocks import (
+    EXPERTS,
+    MLP,
+    SPLIT_QKV_CONVS,
+    same_names,
+    split_projection,
+    stack_projections,
+    unpacked_gate_up,
+)
+from hybrid.convert.common import renamed, renamed_name, take, unsupported
 from hybrid.convert.hf_config import (
     cannot_express,
     checked_layer_types,
@@ -164,7 +172,6 @@ SUBLAYERS = {
     | nest(MLP, "sublayers.{}.block.shared.", LAYER + "mlp.shared_experts."),
 }
 KDA_IN_PROJ = ("q_proj", "k_proj", "v_proj", "b_proj", "forget_gate.f_a_proj", "g_a_proj")
-CONVS = ("q_conv1d", "k_conv1d", "v_conv1d")  # the checkpoints' conv over [q, k, v], split
 FORGET_GATE = ("f_a_proj.", "f_b_proj.", "dt_bias", "A_log")  # under self_attn in checkpoints
 EXPERT_PROJECTIONS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
@@ -299,18 +306,6 @@ CHECKPOINT_NAMES = [(".mlp.", ".block_sparse_moe.")] + [
 ]
 
 
-def renamed_name(name: str, names: list[tuple[str, str]]) -> str:
-    """``name`` with every ``old`` of ``names`` in it written ``new``."""
-    for old, new in names:
-        name = name.replace(old, new)
-    return name
-
-
-def renamed(state: dict[str, torch.Tensor], names: list[tuple[str, str]]) -> dict:
-    """``state`` with :func:`renamed_name` applied to every tensor name."""
-    return {renamed_name(name, names): tensor for name, tensor in state.items()}
-
-
 def expert_names(state: dict[str, torch.Tensor], to_checkpoint: bool) -> dict:
     """``state`` with per-expert tensors named ``w1`` / ``w3`` / ``w2`` (the checkpoints',
     ``to_checkpoint``) or ``gate_proj`` / ``up_proj`` / ``down_proj`` (what :data:`EXPERTS`
@@ -333,11 +328,9 @@ def unfused(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, t
     for index, name in enumerate(config.layers):
         if name == "kda":
             prefix = LAYER.format(index // 2) + "self_attn."
-            parts = [take(state, f"{prefix}{proj}.weight") for proj in KDA_IN_PROJ]
-            state[prefix + "in_proj.weight"] = torch.cat(parts, 0)
+            stack_projections(state, prefix, KDA_IN_PROJ, "in_proj")
             if prefix + "conv1d.weight" not in state:
-                convs = [take(state, f"{prefix}{conv}.weight") for conv in CONVS]
-                state[prefix + "conv1d.weight"] = torch.cat(convs, 0)
+                stack_projections(state, prefix, SPLIT_QKV_CONVS, "conv1d")
             a_log = prefix + "forget_gate.A_log"
             state[a_log] = take(state, a_log).flatten()
     return state
@@ -353,12 +346,8 @@ def fused(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, tor
             key_width, value_width = options.widths()
             sizes = [key_width, key_width, value_width, options.n_v_heads, options.decay_rank,
                      options.gate_rank]  # fmt: skip
-            parts = state.pop(prefix + "in_proj.weight").split(sizes, 0)
-            for proj, part in zip(KDA_IN_PROJ, parts, strict=True):
-                state[f"{prefix}{proj}.weight"] = part.contiguous()
-            convs = state.pop(prefix + "conv1d.weight").split(sizes[:3], 0)
-            for conv, part in zip(CONVS, convs, strict=True):
-                state[f"{prefix}{conv}.weight"] = part.contiguous()
+            split_projection(state, prefix, "in_proj", KDA_IN_PROJ, sizes)
+            split_projection(state, prefix, "conv1d", SPLIT_QKV_CONVS, sizes[:3])
             a_log = prefix + "forget_gate.A_log"
             state[a_log] = state[a_log].view(1, 1, -1, 1)
     return renamed(expert_names(state, to_checkpoint=True), CHECKPOINT_NAMES)

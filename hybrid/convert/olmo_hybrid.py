@@ -37,8 +37,17 @@ from typing import Any
 import torch
 
 from hybrid.config import HybridConfig
-from hybrid.convert.blocks import ATTENTION, MAX_POSITIONS, MLP, rope_to_hf, same_names
-from hybrid.convert.common import take, unsupported
+from hybrid.convert.blocks import (
+    ATTENTION,
+    MAX_POSITIONS,
+    MLP,
+    SPLIT_QKV_CONVS,
+    rope_to_hf,
+    same_names,
+    split_projection,
+    stack_projections,
+)
+from hybrid.convert.common import renamed, unsupported
 from hybrid.convert.hf_config import (
     cannot_express,
     checked_layer_types,
@@ -235,21 +244,10 @@ def config_from_hf(hf: dict[str, Any]) -> HybridConfig:
 
 # The checkpoints' names (OLMo-core's, which transformers' save_pretrained writes and its
 # conversion mapping renames on load) for the in-memory names our tables use.
-CHECKPOINT_NAMES = {
-    "input_layernorm": "attention_layer_norm",
-    "post_attention_layernorm": "feedforward_layer_norm",
-}
-CONVS = ("q_conv1d", "k_conv1d", "v_conv1d")  # the checkpoints' conv over [q, k, v], split
-
-
-def renamed_layer_norms(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict:
-    """``state`` with every ``.{old}.`` layer norm name of ``names`` written ``.{new}.``."""
-    out = {}
-    for name, tensor in state.items():
-        for old, new in names.items():
-            name = name.replace(f".{old}.", f".{new}.")
-        out[name] = tensor
-    return out
+CHECKPOINT_NAMES = [
+    (".input_layernorm.", ".attention_layer_norm."),
+    (".post_attention_layernorm.", ".feedforward_layer_norm."),
+]
 
 
 def unfused(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, torch.Tensor]:
@@ -257,15 +255,13 @@ def unfused(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, t
     the split conv read as transformers' in-memory ones (``input_layernorm``,
     ``post_attention_layernorm``, one ``conv1d``), which are read as well, and each Gated
     DeltaNet's six input projections stacked into one ``in_proj``."""
-    state = renamed_layer_norms(state, {new: old for old, new in CHECKPOINT_NAMES.items()})
+    state = renamed(state, [(new, old) for old, new in CHECKPOINT_NAMES])
     for index, name in enumerate(config.layers):
         if name == "gated_deltanet":
             prefix = LAYER.format(index // 2) + "linear_attn."
-            parts = [take(state, f"{prefix}{proj}.weight") for proj in IN_PROJ]
-            state[prefix + "in_proj.weight"] = torch.cat(parts, 0)
+            stack_projections(state, prefix, IN_PROJ, "in_proj")
             if prefix + "conv1d.weight" not in state:
-                convs = [take(state, f"{prefix}{conv}.weight") for conv in CONVS]
-                state[prefix + "conv1d.weight"] = torch.cat(convs, 0)
+                stack_projections(state, prefix, SPLIT_QKV_CONVS, "conv1d")
     return state
 
 
@@ -279,13 +275,9 @@ def fused(state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, tor
             key_width, value_width = options.widths()
             sizes = [key_width, key_width, value_width, value_width, options.n_v_heads,
                      options.n_v_heads]  # fmt: skip
-            parts = state.pop(prefix + "in_proj.weight").split(sizes, 0)
-            for proj, part in zip(IN_PROJ, parts, strict=True):
-                state[f"{prefix}{proj}.weight"] = part.contiguous()
-            convs = state.pop(prefix + "conv1d.weight").split(sizes[:3], 0)
-            for conv, part in zip(CONVS, convs, strict=True):
-                state[f"{prefix}{conv}.weight"] = part.contiguous()
-    return renamed_layer_norms(state, CHECKPOINT_NAMES)
+            split_projection(state, prefix, "in_proj", IN_PROJ, sizes)
+            split_projection(state, prefix, "conv1d", SPLIT_QKV_CONVS, sizes[:3])
+    return renamed(state, CHECKPOINT_NAMES)
 
 
 def weights_from_hf(
