@@ -329,11 +329,19 @@ class KVCache(CacheEntry):
         capacity = self.keys.shape[2]
         index = torch.arange(max(0, length - capacity), length, device=self.keys.device)
         slots = index % capacity if self.window is not None else index
-        shape = (*self.keys.shape[:2], index.numel(), self.keys.shape[3])
-        k, v = (torch.randn(shape, generator=generator).to(self.keys.device) for _ in range(2))
-        self.store(slots, k, v)
+        self.store(slots, *self.random_keys_values(index.numel(), generator))
         self.key_index[:, slots] = index
         self.valid[:, slots] = True
+
+    def random_keys_values(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normal(0, 1) keys and values of ``n`` tokens, (batch, n_kv_heads, n, width), for
+        :meth:`fill_random`; each drawn at its own width."""
+        return tuple(
+            torch.randn((*t.shape[:2], n, t.shape[3]), generator=generator).to(t.device)
+            for t in (self.keys, self.values)
+        )
 
     def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write keys / values (batch, n_kv_heads, n, head_dim) into ``slots`` (a slice, or

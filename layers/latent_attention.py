@@ -175,16 +175,14 @@ class LatentKVCache(KVCache):
     (batch, 1, capacity, kv_lora_rank) hold ``c`` again; reads, writes and attention are
     KVCache's (scaled dot-product attention takes values narrower than the keys)."""
 
-    def fill_random(self, length: int, generator: torch.Generator) -> None:
-        """As :meth:`KVCache.fill_random`, with each value the latent part of its key."""
-        capacity, width = self.keys.shape[2], self.values.shape[3]
-        index = torch.arange(max(0, length - capacity), length, device=self.keys.device)
-        slots = index % capacity if self.window is not None else index
-        shape = (*self.keys.shape[:2], index.numel(), self.keys.shape[3])
+    def random_keys_values(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random keys of ``n`` tokens, each value the latent part of its key (what
+        :meth:`~layers.attention.KVCache.fill_random` stores)."""
+        shape = (*self.keys.shape[:2], n, self.keys.shape[3])
         keys = torch.randn(shape, generator=generator).to(self.keys.device)
-        self.store(slots, keys, keys[..., :width])
-        self.key_index[:, slots] = index
-        self.valid[:, slots] = True
+        return keys, keys[..., : self.values.shape[3]]
 
 
 @register_block("latent_attention", symbol="L", options=LatentAttentionOptions)
