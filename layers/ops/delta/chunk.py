@@ -12,8 +12,15 @@ solve of ``(I + L)`` gives
 and then, chunk by chunk, with ``S`` the state entering the chunk (head_k_dim, head_v_dim):
 
     V' = U - W S
-    O  = (q exp(cs)) S + ((q k^T) * exp(cs_i - cs_j), j <= i) V'
     S  = exp(cs_end) S + (k exp(cs_end - cs))^T V'
+
+The Python loop carries only these two products; the outputs of every chunk follow from the
+stacked entering states and V' in two batched matmuls:
+
+    O  = (q exp(cs)) S + ((q k^T) * exp(cs_i - cs_j), j <= i) V'
+
+With grouped value heads (nv = r * nk) q, k and ``k k^T``, ``q k^T`` are formed once per key
+head and broadcast over its r value heads, never repeated into memory.
 
 Only (Q, Q) matrices per chunk and head and the states are formed: memory is linear in the
 sequence length, and the Python loop runs once per chunk, never per token. Every exponent is
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .._common import clamped_exp, compute_dtype, document_index
 
@@ -120,78 +128,88 @@ def gated_delta_chunked_torch(
     out_dtype = v.dtype
     scale = dk**-0.5 if scale is None else scale
     with torch.autocast(device_type=v.device.type, enabled=False):
-        repeat = nv // nk
-        # (b, l, h, d) -> (b, h, l, d), key heads repeated for their value heads.
-        q, k = (t.to(dtype).repeat_interleave(repeat, 2).transpose(1, 2) for t in (q, k))
-        v = v.to(dtype).transpose(1, 2)
-        g, beta = (t.to(dtype).transpose(1, 2) for t in (g, beta))  # g: (b, h, l[, dk])
         # Balanced chunks (as the SSD scan): the configured count, the least tail padding.
         nchunks = -(-seqlen // chunk_size)
         Q = -(-seqlen // nchunks)
-        pad = nchunks * Q - seqlen
-        if pad:  # g = 0, beta = 0, k = 0: padded steps leave the state as it is
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            g = F.pad(g, (0, 0, 0, pad) if channel else (0, pad))
-            beta = F.pad(beta, (0, pad))
-        q, k, v = (t.reshape(batch, nv, nchunks, Q, -1) for t in (q, k, v))
-        g = g.reshape(batch, nv, nchunks, Q, *g.shape[3:])
-        beta = beta.reshape(batch, nv, nchunks, Q)
+        pad = nchunks * Q - seqlen  # g = 0, beta = 0, k = 0 there: the state stays as it is
+
+        def chunked(t: torch.Tensor, groups: int, factor: float = 1.0) -> torch.Tensor:
+            """(b, l, heads, ...) -> (b, groups, heads / groups, c, Q, ...) * factor, in the
+            compute dtype, contiguous."""
+            t = t.to(dtype)
+            t = F.pad(t * factor if factor != 1.0 else t, (0, 0) * (t.dim() - 2) + (0, pad))
+            t = t.unflatten(1, (nchunks, Q)).movedim(3, 1).contiguous()
+            return t.unflatten(1, (groups, -1))
+
+        # Value heads as (key head, value head of that key head): q and k stay once per key
+        # head, (b, nk, 1, c, Q, dk), and broadcast over its nv / nk value heads.
+        q, k = chunked(q, nk, scale), chunked(k, nk)
+        v, g, beta = (chunked(t, nk) for t in (v, g, beta))  # (b, nk, r, c, Q[, d])
 
         masks = None
         if seq_idx is not None:
             docs = document_index(seq_idx)
             if pad:
                 docs = torch.cat([docs, docs[:, -1:].expand(-1, pad)], 1)
-            masks = _document_masks(docs.view(batch, nchunks, Q))
+            masks = [m.unsqueeze(1) for m in _document_masks(docs.view(batch, nchunks, Q))]
 
-        cs = g.cumsum(3)  # (b, h, c, Q[, dk])
+        cs = g.cumsum(4)  # (b, nk, r, c, Q[, dk])
         causal = torch.ones(Q, Q, dtype=torch.bool, device=v.device).tril()
         if masks is not None:
             causal = causal & masks[0]
-        k_beta = k * beta.unsqueeze(-1)
+        k_beta = k * beta.unsqueeze(-1)  # (b, nk, r, c, Q, dk)
         if channel:
             lower = (_channel_decayed_products(k_beta, k, cs) * causal).tril(-1)
             attn = _channel_decayed_products(q, k, cs) * causal
-            enter = clamped_exp(cs, 0.0)  # (b, h, c, Q, dk)
-            to_end = clamped_exp(cs[..., -1:, :] - cs, 0.0)
-            chunk_decay = clamped_exp(cs[..., -1, :], 0.0)  # (b, h, c, dk)
+            enter = clamped_exp(cs, 0.0)  # (b, nk, r, c, Q, dk)
+            to_end = clamped_exp(cs[..., -1:, :] - cs, 0.0, inplace=True)
+            chunk_decay = clamped_exp(cs[..., -1, :], 0.0)  # (b, nk, r, c, dk)
         else:
             # exp(cs_i - cs_j) for j <= i (same document), else 0; the clamp keeps the masked
-            # upper triangle finite.
-            decay = clamped_exp(cs.unsqueeze(-1) - cs.unsqueeze(-2), 0.0) * causal
-            lower = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)
-            attn = q @ k.transpose(-1, -2) * decay  # (b, h, c, Q, Q)
-            enter = clamped_exp(cs, 0.0).unsqueeze(-1)  # (b, h, c, Q, 1)
-            to_end = clamped_exp(cs[..., -1:] - cs, 0.0).unsqueeze(-1)
-            chunk_decay = clamped_exp(cs[..., -1], 0.0).unsqueeze(-1)  # (b, h, c, 1)
-        eye = torch.eye(Q, dtype=dtype, device=v.device)
+            # upper triangle finite. k k^T and q k^T once per key head.
+            decay = clamped_exp(cs.unsqueeze(-1) - cs.unsqueeze(-2), 0.0, inplace=True) * causal
+            kk = k @ k.transpose(-1, -2)  # (b, nk, 1, c, Q, Q)
+            lower = (kk * decay * beta.unsqueeze(-1)).tril(-1)
+            attn = q @ k.transpose(-1, -2) * decay  # (b, nk, r, c, Q, Q)
+            enter = clamped_exp(cs, 0.0).unsqueeze(-1)  # (b, nk, r, c, Q, 1)
+            to_end = clamped_exp(cs[..., -1:] - cs, 0.0, inplace=True).unsqueeze(-1)
+            chunk_decay = clamped_exp(cs[..., -1], 0.0).unsqueeze(-1)  # (b, nk, r, c, 1)
         if masks is not None:
             enter = enter * masks[1]
+            to_end = to_end * masks[2]
+            chunk_decay = chunk_decay * masks[3].unsqueeze(-1)
+        # From here on value heads are one dimension again: (b, nv, c, Q, ...).
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.flatten(1, 2)
+
+        lower, attn, chunk_decay = heads(lower), heads(attn), heads(chunk_decay)
+        eye = torch.eye(Q, dtype=dtype, device=v.device)
         # (I + L)^-1 once, then U and W by matmul: cheaper than solving for both right-hand
         # sides (LAPACK copies them into its own layout).
         solve = torch.linalg.solve_triangular(
             lower + eye, eye.expand_as(lower), upper=False, unitriangular=True
         )
-        U = solve @ (v * beta.unsqueeze(-1))
-        W = solve @ (k_beta * enter)
-        q_enter = q * enter
-        if masks is not None:
-            to_end = to_end * masks[2]
-            chunk_decay = chunk_decay * masks[3].unsqueeze(-1)
-        k_end = k * to_end
+        U = solve @ heads(v * beta.unsqueeze(-1))
+        W = solve @ heads(k_beta * enter)
+        k_end = heads(k * to_end).transpose(-1, -2)  # (b, nv, c, dk, Q)
+        q_enter = heads(q * enter)
 
-        state = v.new_zeros(batch, nv, dk, dv) if initial_state is None else initial_state.to(dtype)
-        outputs = []
-        # unbind, not [:, :, i]: c selects would each get a zero-filled full-size gradient.
-        for U_c, W_c, q_c, attn_c, k_c, a_c in zip(
-            U.unbind(2), W.unbind(2), q_enter.unbind(2), attn.unbind(2), k_end.unbind(2),
-            chunk_decay.unbind(2), strict=True,
-        ):  # fmt: skip
+        state = v.new_zeros(batch, nv, dk, dv) if initial_state is None else initial_state
+        state = state.to(dtype)
+        # The loop carries the state only; the outputs of all chunks follow in two batched
+        # matmuls. unbind, not [:, :, i]: c selects would each get a zero-filled full-size
+        # gradient.
+        entering, written = [], []
+        for U_c, W_c, k_c, a_c in zip(
+            U.unbind(2), W.unbind(2), k_end.unbind(2), chunk_decay.unbind(2), strict=True
+        ):
             v_new = U_c - W_c @ state
-            outputs.append(q_c @ state + attn_c @ v_new)
-            state = torch.addcmul(k_c.transpose(-1, -2) @ v_new, state, a_c[..., None])
-        o = torch.stack(outputs, 2).reshape(batch, nv, nchunks * Q, dv)[:, :, :seqlen]
-        o = (o * scale).transpose(1, 2).to(out_dtype)
+            entering.append(state)
+            written.append(v_new)
+            state = torch.addcmul(k_c @ v_new, state, a_c[..., None])
+        o = q_enter @ torch.stack(entering, 2) + attn @ torch.stack(written, 2)
+        o = rearrange(o, "b h c q d -> b (c q) h d")[:, :seqlen].to(out_dtype)
     if return_final_state:
         return o, state
     return o
