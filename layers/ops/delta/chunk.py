@@ -29,11 +29,13 @@ sequence length, and the Python loop runs once per chunk, never per token. Every
 With a decay per key channel (Kimi Delta Attention: ``g`` of shape (..., head_k_dim)), ``cs``
 has a channel dimension, ``exp(cs)`` multiplies channel-wise, and the two decayed products
 ``sum_d x_id y_jd exp(cs_id - cs_jd)`` (for L and for q k^T) are no longer a matmul times a
-(Q, Q) mask. :func:`_channel_decayed_products` forms them as flash-linear-attention's KDA
-kernels do: the chunk splits into sub-chunks of ``SUB`` tokens; between a sub-chunk and the
-tokens before it one matmul, both factors referred to the sub-chunk's first token so that
-every exponent stays <= 0 (``exp(cs_i - r) exp(r - cs_j)``, j < r <= i); inside a sub-chunk
-the exact (SUB, SUB, head_k_dim) product.
+(Q, Q) mask. :func:`_channel_decayed_products` forms them from matmuls whose factors stay
+in range: where the decay spans little across a block of tokens, both factors refer to the
+block's midpoint (``exp(cs_i - m) exp(m - cs_j)``, exponents within +-20 in float32); between
+a block and the tokens before it both refer to the block's first token, so that every
+exponent is <= 0 (``exp(cs_i - r) exp(r - cs_j)``, j < r <= i), as flash-linear-attention's
+KDA kernels split their chunks. The block is the whole chunk when the decay allows, and only
+blocks of 8 tokens that still span too much are computed exactly, element by element.
 """
 
 from __future__ import annotations
@@ -42,11 +44,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .._common import clamped_exp, compute_dtype, document_index
+from .._common import clamped_exp, compute_dtype, document_index, exp_floor
 
 __all__ = ["gated_delta_chunked_torch"]
-
-SUB = 16  # tokens per sub-chunk of the per-channel decayed products
 
 
 def _document_masks(
@@ -68,32 +68,78 @@ def _document_masks(
     return same, from_start, to_end, keep
 
 
+def _factored_products(x: torch.Tensor, y: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """``sum_d x[i, d] y[j, d] exp(cs[i, d] - cs[j, d])`` for all i, j as one matmul.
+
+    x, y, cs: (..., S, d). Both factors refer to the midpoint of each channel's range,
+    ``m = (cs[0] + cs[-1]) / 2``: ``(x exp(cs - m)) (y exp(m - cs))^T``, whose exponents lie in
+    [-span / 2, span / 2] (span = cs[0] - cs[-1]). Callers make sure span <= :func:`_span_limit`.
+    """
+    mid = (cs[..., :1, :] + cs[..., -1:, :]) / 2
+    return (x * torch.exp(cs - mid)) @ (y * torch.exp(mid - cs)).transpose(-1, -2)
+
+
+def _span_limit(dtype: torch.dtype) -> float:
+    """The largest decay span across a block for which :func:`_factored_products` is used:
+    its factors stay within exp(+-20) in float32 (exp(+-100) in float64), normal floats whose
+    products are exact to rounding."""
+    return -exp_floor(dtype)
+
+
+def product_blocks(cs: torch.Tensor) -> tuple[int, bool]:
+    """How :func:`_channel_decayed_products` splits chunks with cumulative log-decays ``cs``
+    (..., Q, d): (block size S, whether blocks take :func:`_factored_products`). S is the
+    largest of Q, 32, 16, 8 whose every block, in every channel, spans a decay of at most
+    :func:`_span_limit`; (8, False) when none does."""
+    Q = cs.shape[-2]
+    limit = _span_limit(cs.dtype)
+    for S in [Q] + [size for size in (32, 16, 8) if size < Q]:
+        ends = cs[..., S - 1 :: S, :]  # each block's last token, and a short last block's
+        if Q % S:
+            ends = torch.cat([ends, cs[..., -1:, :]], -2)
+        if (cs[..., ::S, :] - ends).max() <= limit:
+            return S, True
+    return min(8, Q), False
+
+
 def _channel_decayed_products(x: torch.Tensor, y: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
     """``M[i, j] = sum_d x[i, d] y[j, d] exp(cs[i, d] - cs[j, d])`` for ``j <= i``.
 
     x, y, cs: (..., Q, d), ``cs`` non-increasing along Q (a cumulative log-decay). Returns
     (..., Q, Q); entries above the diagonal are finite and meaningless (callers mask them).
-    Every exponent is clamped to <= 0, and only exponents that are <= 0 anyway are used.
+
+    Blocks of S tokens (the largest of Q, 32, 16, 8 whose decay span, the largest over all
+    blocks and channels, is at most :func:`_span_limit`) take :func:`_factored_products`; so
+    does the whole chunk at once when it fits, one matmul. Each block against the tokens
+    before it is one matmul with both factors referred to the block's first token ``r``,
+    ``exp(cs_i - r) exp(r - cs_j)`` for j < r <= i, every exponent <= 0. Where even blocks of
+    8 span more (decays of more than e^-5 per token on average), those blocks are computed
+    exactly, an (..., 8, 8, d) product.
     """
     Q = x.shape[-2]
-    n = -(-Q // SUB)
-    pad = n * SUB - Q
+    S, factored = product_blocks(cs)
+    if S == Q and factored:
+        return _factored_products(x, y, cs)
+    n = -(-Q // S)
+    pad = n * S - Q
     if pad:  # zero rows; cs continues flat, so the padding's exponents stay <= 0
         x, y = (F.pad(t, (0, 0, 0, pad)) for t in (x, y))
         cs = torch.cat([cs, cs[..., -1:, :].expand(*cs.shape[:-2], pad, cs.shape[-1])], -2)
-    P = n * SUB
-    xb, yb, cb = (t.unflatten(-2, (n, SUB)) for t in (x, y, cs))  # (..., n, SUB, d)
-    # Inside each sub-chunk: exact, (..., n, SUB, SUB, d) at once.
-    inner = clamped_exp(cb.unsqueeze(-2) - cb.unsqueeze(-3), 0.0)
-    inner = (xb.unsqueeze(-2) * yb.unsqueeze(-3) * inner).sum(-1)  # (..., n, SUB, SUB)
-    # Sub-chunk I against every earlier token, referred to the sub-chunk's first token r_I.
+    P = n * S
+    xb, yb, cb = (t.unflatten(-2, (n, S)) for t in (x, y, cs))  # (..., n, S, d)
+    if factored:
+        inner = _factored_products(xb, yb, cb)  # (..., n, S, S)
+    else:  # exact, (..., n, S, S, d) at once
+        inner = clamped_exp(cb.unsqueeze(-2) - cb.unsqueeze(-3), 0.0, inplace=True)
+        inner = (xb.unsqueeze(-2) * yb.unsqueeze(-3) * inner).sum(-1)
+    # Block I against every earlier token, referred to the block's first token r_I.
     ref = cb[..., :1, :]  # (..., n, 1, d)
-    rows = xb * clamped_exp(cb - ref, 0.0)
-    cols = y.unsqueeze(-3) * clamped_exp(ref - cs.unsqueeze(-3), 0.0)  # (..., n, P, d)
-    before = torch.arange(P, device=x.device) < torch.arange(0, P, SUB, device=x.device)[:, None]
-    cross = rows @ cols.transpose(-1, -2) * before[:, None, :]  # (..., n, SUB, P)
+    rows = xb * clamped_exp(cb - ref, 0.0, inplace=True)
+    cols = y.unsqueeze(-3) * clamped_exp(ref - cs.unsqueeze(-3), 0.0, inplace=True)
+    before = torch.arange(P, device=x.device) < torch.arange(0, P, S, device=x.device)[:, None]
+    cross = rows @ cols.transpose(-1, -2) * before[:, None, :]  # (..., n, S, P)
     eye = torch.eye(n, dtype=x.dtype, device=x.device)[:, None, :, None]
-    diagonal = inner.unsqueeze(-2) * eye  # (..., n, SUB, n, SUB)
+    diagonal = inner.unsqueeze(-2) * eye  # (..., n, S, n, S)
     out = cross + diagonal.flatten(-2)
     return out.flatten(-3, -2)[..., :Q, :Q]
 
