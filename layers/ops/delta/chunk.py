@@ -132,16 +132,17 @@ def _channel_decayed_products(x: torch.Tensor, y: torch.Tensor, cs: torch.Tensor
     else:  # exact, (..., n, S, S, d) at once
         inner = clamped_exp(cb.unsqueeze(-2) - cb.unsqueeze(-3), 0.0, inplace=True)
         inner = (xb.unsqueeze(-2) * yb.unsqueeze(-3) * inner).sum(-1)
-    # Block I against every earlier token, referred to the block's first token r_I.
-    ref = cb[..., :1, :]  # (..., n, 1, d)
-    rows = xb * clamped_exp(cb - ref, 0.0, inplace=True)
-    cols = y.unsqueeze(-3) * clamped_exp(ref - cs.unsqueeze(-3), 0.0, inplace=True)
-    before = torch.arange(P, device=x.device) < torch.arange(0, P, S, device=x.device)[:, None]
-    cross = rows @ cols.transpose(-1, -2) * before[:, None, :]  # (..., n, S, P)
-    eye = torch.eye(n, dtype=x.dtype, device=x.device)[:, None, :, None]
-    diagonal = inner.unsqueeze(-2) * eye  # (..., n, S, n, S)
-    out = cross + diagonal.flatten(-2)
-    return out.flatten(-3, -2)[..., :Q, :Q]
+    # Block I against the tokens before it, referred to the block's first token r_I: only
+    # those I * S columns are formed, the rest of the row of blocks is zero.
+    rows = xb * clamped_exp(cb - cb[..., :1, :], 0.0, inplace=True)  # (..., n, S, d)
+    blocks = [F.pad(inner[..., 0, :, :], (0, P - S))]
+    for block in range(1, n):
+        start = block * S
+        ref = cs[..., start : start + 1, :]
+        cols = y[..., :start, :] * clamped_exp(ref - cs[..., :start, :], 0.0, inplace=True)
+        cross = rows[..., block, :, :] @ cols.transpose(-1, -2)  # (..., S, start)
+        blocks.append(F.pad(torch.cat([cross, inner[..., block, :, :]], -1), (0, P - start - S)))
+    return torch.cat(blocks, -2)[..., :Q, :Q]
 
 
 def gated_delta_chunked_torch(
