@@ -170,16 +170,44 @@ class LatentAttentionOptions:
 
 @dataclass
 class LatentKVCache(KVCache):
-    """:class:`~layers.attention.KVCache` of one latent head: ``keys`` (batch, 1, capacity,
-    kv_lora_rank + qk_rope_head_dim) hold ``[c ; k_rot]`` (``k_rot`` rotated), ``values``
-    (batch, 1, capacity, kv_lora_rank) hold ``c`` again; reads, writes and attention are
-    KVCache's (scaled dot-product attention takes values narrower than the keys)."""
+    """:class:`~layers.attention.KVCache` of one latent head, the latent stored once.
+
+    ``keys`` (batch, 1, capacity, kv_lora_rank + qk_rope_head_dim) hold ``[c ; k_rot]``
+    (``k_rot`` rotated); ``values`` is a view of their first kv_lora_rank channels, ``c``.
+    Reads and attention are KVCache's (scaled dot-product attention takes values narrower
+    than the keys). The view follows every replacement of ``keys`` (batch selection, copies,
+    rollbacks, device and dtype moves), and only ``keys`` counts among :meth:`tensors`: bytes,
+    saving and loading see the latent once.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "values":  # the latent part of the keys, as wide as the tensor given
+            value = self.keys[..., : value.shape[-1]]
+        super().__setattr__(name, value)
+        if name == "keys" and "values" in self.__dict__:
+            super().__setattr__("values", value[..., : self.values.shape[-1]])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().tensors()
+        del tensors["values"]  # a view of the keys
+        return tensors
+
+    def plain_fields(self) -> dict[str, object]:
+        fields = super().plain_fields()
+        del fields["values"]  # a tensor, derived from the keys
+        return fields
+
+    def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k`` = ``[c ; k_rot]``; ``v`` (``c``, the same numbers) lands with it."""
+        self.keys[:, :, slots] = k.to(self.keys.dtype)
+
+    def store_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
 
     def random_keys_values(
         self, n: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random keys of ``n`` tokens, each value the latent part of its key (what
-        :meth:`~layers.attention.KVCache.fill_random` stores)."""
+        """Random keys of ``n`` tokens, each value the latent part of its key."""
         shape = (*self.keys.shape[:2], n, self.keys.shape[3])
         keys = torch.randn(shape, generator=generator).to(self.keys.device)
         return keys, keys[..., : self.values.shape[3]]
@@ -329,10 +357,10 @@ class LatentAttention(Block):
     def inference_state_bytes(
         cls, d_model: int, options: LatentAttentionOptions, context: int, dtype: torch.dtype
     ) -> int:
-        """Per kept token: the latent twice (as the keys' first part and as the value) and
-        ``k_rot`` once, plus an int64 absolute index and a bool real-token flag."""
+        """Per kept token: the latent and ``k_rot`` (:class:`LatentKVCache` stores the latent
+        once), plus an int64 absolute index and a bool real-token flag."""
         kept = context if options.window is None else min(context, options.window)
-        latents = (2 * options.kv_lora_rank + options.qk_rope_head_dim) * dtype_bytes(dtype)
+        latents = (options.kv_lora_rank + options.qk_rope_head_dim) * dtype_bytes(dtype)
         return kept * (latents + 8 + 1)
 
     def residual_weights(self) -> list[nn.Parameter]:

@@ -1,8 +1,8 @@
-"""Findings 1-2: MQAR test accuracy of the attention, Mamba-2, hybrid, DeltaNet, conv runs.
+"""Findings 1-2: MQAR test accuracy of the attention, Mamba-2, hybrid, DeltaNet, KDA, conv runs.
 
-Reads ``RUNS/mqar_{attention,mamba2,hybrid,deltanet,shortconv}/eval/mqar/results.json`` (written by
-``hybrid eval mqar``) and writes ``OUT/mqar.json``, ``OUT/mqar.md`` (a table of accuracy by
-sequence length and number of key-value pairs) and ``OUT/mqar.png``.
+Reads ``RUNS/mqar_{attention,mamba2,hybrid,deltanet,kda,shortconv}/eval/mqar/results.json``
+(written by ``hybrid eval mqar``) and writes ``OUT/mqar.json``, ``OUT/mqar.md`` (a table of
+accuracy by sequence length and number of key-value pairs) and ``OUT/mqar.png``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ LAYOUTS = {
     "mamba2": "M-M-",
     "hybrid": "M-*-",
     "deltanet": "D-D-",
+    "kda": "K-K-",
     "shortconv": "C-C-",
 }
 
 
 def main() -> None:
-    args = report_parser(__doc__.splitlines()[0], "directory holding the five runs").parse_args()
+    args = report_parser(__doc__.splitlines()[0], "directory holding the six runs").parse_args()
     out = Path(args.out)
     results = {
         layout: load_results(Path(args.runs) / f"mqar_{layout}" / "eval" / "mqar")

@@ -243,6 +243,37 @@ def test_fill_random_sets_the_slots_a_prefill_would(window):
     assert torch.equal(filled.values, filled.keys[..., : SMALL["kv_lora_rank"]])
 
 
+def test_the_latent_is_stored_once():
+    """The values are the keys' latent part, one storage, through every way an entry's
+    tensors get replaced; the entry's bytes are what inference_state_bytes counts."""
+    from hybrid.inference.cache import CachePrecision, with_precision
+
+    block = make_block()
+    cache = block.allocate_cache(3, 12, torch.float64, CPU)
+    rank = SMALL["kv_lora_rank"]
+
+    def shares(entry: LatentKVCache) -> bool:
+        return (
+            entry.values.data_ptr() == entry.keys.data_ptr()
+            and entry.values.shape[-1] == rank
+            and torch.equal(entry.values, entry.keys[..., :rank])
+        )
+
+    block(inputs(3, 7), cache=cache, context=TokenContext(0, positions(0, 7, 3)))
+    assert shares(cache) and cache.values.abs().sum() > 0
+    assert set(cache.tensors()) == {"keys", "key_index", "valid"}
+    per_sequence = block.inference_state_bytes(D_MODEL, block.options, 12, torch.float64)
+    assert cache.nbytes == 3 * per_sequence
+    saved = cache.copy()
+    assert shares(saved) and saved.keys.data_ptr() != cache.keys.data_ptr()
+    cache.select(torch.tensor([2, 0]))
+    assert shares(cache) and cache.keys.shape[0] == 2
+    cache.rollback(saved)
+    assert shares(cache) and torch.equal(cache.keys, saved.keys)
+    low = with_precision(cache, CachePrecision(kv_dtype=torch.float32))
+    assert shares(low) and low.values.dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------- transformers
 
 TOL32 = {"rtol": 1e-5, "atol": 1e-5}
@@ -396,7 +427,7 @@ def test_cache_bytes_are_the_latents():
     for index in (0, 2):
         options = config.layer_options[index]
         expected = LatentAttention.inference_state_bytes(D_MODEL, options, 20, torch.bfloat16)
-        assert cache.entries[index].nbytes == expected == 20 * ((2 * 16 + 4) * 2 + 9)
+        assert cache.entries[index].nbytes == expected == 20 * ((16 + 4) * 2 + 9)  # latent once
     assert model.blocks[0].residual_weights() == [model.blocks[0].o_proj.weight]
 
 

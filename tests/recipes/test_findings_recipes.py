@@ -19,6 +19,7 @@ def test_mqar_recipes_differ_only_in_the_layout():
         "mqar_mamba2": "M-M-",
         "mqar_hybrid": "M-*-",
         "mqar_deltanet": "D-D-",
+        "mqar_kda": "K-K-",
         "mqar_shortconv": "C-C-",
     }
     for recipe in recipes.values():

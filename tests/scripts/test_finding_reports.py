@@ -62,7 +62,7 @@ def test_passkey_report(tmp_path, capsys):
 
 @pytest.mark.parametrize("script", ["finding_mqar_report.py", "finding_mqar_width_report.py"])
 def test_mqar_reports(tmp_path, capsys, script):
-    layouts = ["attention", "mamba2", "hybrid", "deltanet", "shortconv"]
+    layouts = ["attention", "mamba2", "hybrid", "deltanet", "kda", "shortconv"]
     names = [f"mqar_{n}" for n in layouts] + ["mqar_mamba2_d64", "mqar_mamba2_d128"]
     runs = evaluated_runs(tmp_path, "mqar", names, 128,
                           "--seq-lens", 64, "--kv-pairs", 2, 4, "--examples", 8)  # fmt: skip
@@ -79,7 +79,7 @@ def test_mqar_reports(tmp_path, capsys, script):
                                                          ", d_model 64"]  # fmt: skip
     else:  # one row per (length, pairs), a column per layout
         assert [row.split(" | ")[:2] for row in rows] == [["| 64", "2"], ["| 64", "4"]]
-        assert all(len(row.split(" | ")) == 7 for row in rows)
+        assert all(len(row.split(" | ")) == 8 for row in rows)
     assert json.loads((out / f"{stem}.json").read_text())
     assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
 
