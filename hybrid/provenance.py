@@ -1,9 +1,13 @@
-"""Where results come from: the git commit of the source tree that produced them."""
+"""Where results come from: the git commit of the source tree that produced them, and the
+CPU that ran them."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
+
+import torch
 
 
 def source_commit() -> str | None:
@@ -22,3 +26,22 @@ def source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit
+
+
+def cpu_description() -> str:
+    """The CPU as timings should name it: its model (from /proc/cpuinfo on Linux), the vector
+    instructions torch's CPU kernels dispatch to (AVX2, AVX512, ...) and the thread count, e.g.
+    ``CPU x86_64 AMD EPYC (AVX2), 2 threads``. Compiled code and matmul rates differ most
+    between vector widths, so results from different ones do not compare."""
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = f"{platform.machine()} {model}".strip()
+    return (
+        f"CPU {name} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+    )

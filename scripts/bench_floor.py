@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_train import matmul_rate  # noqa: E402
 from bench_vs_hf import VOCAB, hf_config, timed, train_step  # noqa: E402
+
+from hybrid.provenance import cpu_description  # noqa: E402
 
 PREFILL = (1, 1024)  # (batch, seqlen) of the prefill
 TRAIN = (4, 512)  # of the training step, as bench_vs_hf.py
@@ -158,7 +159,7 @@ def main() -> None:
         print(name, json.dumps(results[name]), flush=True)
     meta = {
         "date": date.today().isoformat(),
-        "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
+        "device": cpu_description(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,

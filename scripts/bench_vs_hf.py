@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # Measure this checkout (the child processes too), whichever copy of hybrid is installed.
 sys.path.insert(0, str(ROOT))
+
+from hybrid.provenance import cpu_description  # noqa: E402
 
 VOCAB = 1024
 CONFIG_ORDER = [
@@ -442,7 +443,7 @@ def main() -> None:
         "device": (
             torch.cuda.get_device_name(args.device)
             if args.device.startswith("cuda")
-            else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+            else cpu_description()
         ),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
