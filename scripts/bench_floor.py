@@ -15,7 +15,8 @@ hybrid with ``from_hf``) this times a prefill of 1 x 1024 tokens and a training 
 both), and reports each time as a multiple of the floor. ``transformers / floor`` is the
 largest speed-up any implementation could show on this machine.
 
-Usage: python scripts/bench_floor.py [--configs bamba nemotron_h qwen3_next falcon_h1 olmo_hybrid]
+Usage: python scripts/bench_floor.py [--configs bamba nemotron_h qwen3_next falcon_h1 olmo_hybrid
+       kimi_linear]
        [--repeats 5]
 Writes docs/bench_floor.json and docs/bench_floor.md.
 """
@@ -44,7 +45,9 @@ from hybrid.provenance import cpu_description  # noqa: E402
 
 PREFILL = (1, 1024)  # (batch, seqlen) of the prefill
 TRAIN = (4, 512)  # of the training step, as bench_vs_hf.py
-DEFAULT_CONFIGS = ["bamba", "nemotron_h", "qwen3_next", "falcon_h1", "olmo_hybrid"]
+DEFAULT_CONFIGS = [
+    "bamba", "nemotron_h", "qwen3_next", "falcon_h1", "olmo_hybrid", "kimi_linear",
+]  # fmt: skip
 """jamba is left out by default: transformers' per-token Mamba-1 training path takes minutes
 per step on a CPU."""
 
