@@ -12,4 +12,3 @@ def test_cpu_description_names_the_vector_width_and_threads():
     assert text.startswith("CPU ")
     assert f"({torch.backends.cpu.get_cpu_capability()})" in text
     assert text.endswith(f", {torch.get_num_threads()} threads")
-
