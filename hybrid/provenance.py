@@ -28,11 +28,12 @@ def source_commit() -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
-def cpu_description() -> str:
+def cpu_description(threads: int | None = None) -> str:
     """The CPU as timings should name it: its model (from /proc/cpuinfo on Linux), the vector
-    instructions torch's CPU kernels dispatch to (AVX2, AVX512, ...) and the thread count, e.g.
-    ``CPU x86_64 AMD EPYC (AVX2), 2 threads``. Compiled code and matmul rates differ most
-    between vector widths, so results from different ones do not compare."""
+    instructions torch's CPU kernels dispatch to (AVX2, AVX512, ...) and the thread count
+    (``threads``, or torch's own), e.g. ``CPU x86_64 AMD EPYC (AVX2), 2 threads``. Compiled code
+    and matmul rates differ most between vector widths, so results from different ones do not
+    compare."""
     model = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,6 +43,21 @@ def cpu_description() -> str:
     except OSError:
         pass
     name = f"{platform.machine()} {model}".strip()
-    return (
-        f"CPU {name} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
-    )
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"CPU {name} ({torch.backends.cpu.get_cpu_capability()}), {threads} threads"
+
+
+def allocator_settings() -> dict[str, str]:
+    """The glibc ``malloc`` tunables set in the environment (``MALLOC_*``, ``GLIBC_TUNABLES``).
+
+    With glibc's defaults, large temporaries are mapped fresh and page-faulted on every call, and
+    CPU timings spread by up to ±40% between processes; ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` set high keep them in the heap. Timings taken with and without
+    these settings do not compare, so benchmarks record them."""
+    import os
+
+    return {
+        key: value
+        for key, value in sorted(os.environ.items())
+        if key.startswith("MALLOC_") or key == "GLIBC_TUNABLES"
+    }

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid import HybridConfig, HybridLM
 from hybrid.eval.decode import device_sync
+from hybrid.provenance import cpu_description
 from layers.base import BlockOutput
 from layers.registry import get_block
 
@@ -309,7 +309,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        else cpu_description(),
         "torch": torch.__version__,
         "seqlen": seqlen,
     }

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -84,6 +83,7 @@ from hybrid.inference.cache import HybridCache
 from hybrid.inference.cuda_graph import CUDAGraphDecodeStep
 from hybrid.inference.speculative import speculative_generate
 from hybrid.model import HybridOutput
+from hybrid.provenance import cpu_description
 
 D_MODEL = 256
 VOCAB = 256
@@ -591,13 +591,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
     results = bench(args, device, dtype)
-    threads = torch.get_num_threads()
     meta = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()}, "
-        f"{threads} thread{'s' * (threads > 1)}",
+        else cpu_description(),
         "torch": torch.__version__,
         "dtype": args.dtype,
         "batch_size": 1,

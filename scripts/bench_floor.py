@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_train import matmul_rate  # noqa: E402
 from bench_vs_hf import VOCAB, hf_config, timed, train_step  # noqa: E402
 
-from hybrid.provenance import cpu_description  # noqa: E402
+from hybrid.provenance import allocator_settings, cpu_description  # noqa: E402
 
 PREFILL = (1, 1024)  # (batch, seqlen) of the prefill
 TRAIN = (4, 512)  # of the training step, as bench_vs_hf.py
@@ -117,11 +117,13 @@ def measure(name: str, repeats: int) -> dict:
 
 
 def markdown(results: dict, meta: dict) -> str:
+    allocator = ", ".join(f"{key}={value}" for key, value in meta.get("allocator", {}).items())
     lines = [
         "## Distance from the matmul floor (CPU)",
         "",
         f"{meta['date']}, {meta['device']}, torch {meta['torch']}, transformers "
-        f"{meta['transformers']}; medians of {meta['repeats']} paired runs "
+        f"{meta['transformers']}, allocator: {allocator or 'glibc defaults'}; "
+        f"medians of {meta['repeats']} paired runs "
         "(`python scripts/bench_floor.py`). Floor = matmul FLOPs / the fp32 matmul rate "
         "measured in the same run (scans not counted, so a lower bound). "
         "`transformers / floor` is the largest speed-up any implementation could reach here.",
@@ -166,6 +168,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,
+        "allocator": allocator_settings(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_floor.json").write_text(json.dumps({"meta": meta, **results}, indent=2))

@@ -27,7 +27,6 @@ import glob
 import importlib.util
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from hybrid.accounting import describe
 from hybrid.checkpoint import load_model
 from hybrid.eval.inference import token_losses
 from hybrid.inference.cache import CachePrecision
+from hybrid.provenance import cpu_description
 from hybrid.quantize import quantize, weight_bytes
 from hybrid.tokenizer import load_tokenizer
 from hybrid.units import human_bytes
@@ -187,8 +187,7 @@ def main() -> None:
     )
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}",
+        "machine": f"{cpu_description()}, torch {torch.__version__}",
         "checkpoint": str(checkpoint),
         "pattern": base.config.pattern_string,
         "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},

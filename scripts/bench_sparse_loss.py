@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid import HybridLM
+from hybrid.provenance import cpu_description
 from hybrid.recipe import load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     meta = {
         "date": date.today().isoformat(),
-        "device": f"CPU {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads",
+        "device": cpu_description(),
         "torch": torch.__version__,
         "batch": args.batch,
         "seqlen": args.seqlen,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from hybrid.config import HybridConfig  # noqa: E402
 from hybrid.model import HybridLM  # noqa: E402
+from hybrid.provenance import cpu_description  # noqa: E402
 from hybrid.train.run import training_flops_per_token  # noqa: E402
 from layers.mamba2 import Mamba2  # noqa: E402
 from layers.mlp import MLP  # noqa: E402
@@ -302,7 +302,7 @@ def main() -> None:
             row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+        "machine": f"{cpu_description(args.threads)}, torch {torch.__version__}",
         "matmul_flops": rate,
         "matmul_flops_measured": {"min": min(rates), "median": statistics.median(rates)},
         "settings": vars(args) | {"worker": None},

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Measure this checkout (the child processes too), whichever copy of hybrid is installed.
 sys.path.insert(0, str(ROOT))
 
-from hybrid.provenance import cpu_description  # noqa: E402
+from hybrid.provenance import allocator_settings, cpu_description  # noqa: E402
 
 VOCAB = 1024
 CONFIG_ORDER = [
@@ -449,6 +449,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "repeats": args.repeats,
         "rounds": args.rounds,
+        "allocator": allocator_settings(),
     }
     docs = ROOT / "docs"
     path = docs / ("bench_vs_hf_cuda.json" if cuda else "bench_vs_hf.json")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -44,6 +43,7 @@ from hybrid import HybridConfig, HybridLM  # noqa: E402
 from hybrid.checkpoint import load_pretrained, read_training_checkpoint, save_pretrained  # noqa: E402
 from hybrid.checksum import structure_digest  # noqa: E402
 from hybrid.inference.cache_io import load_cache, save_cache  # noqa: E402
+from hybrid.provenance import cpu_description  # noqa: E402
 
 HYBRID = [sys.executable, "-m", "hybrid.cli"]
 RECIPE = {
@@ -381,7 +381,7 @@ def main() -> None:
     report = {
         "meta": {
             "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": cpu_description(os.cpu_count()),
             "torch": torch.__version__,
             "seed": args.seed,
             "kills": args.kills,
