@@ -317,6 +317,13 @@ class KVCache(CacheEntry):
             window=ring,
         )  # fmt: skip
 
+    def int8_like(self) -> KVCache:
+        """An empty int8 cache of this one's shapes, window and device
+        (:class:`~layers.kv_int8.Int8KVCache`), for ``kv_dtype="int8"``."""
+        from layers.kv_int8 import Int8KVCache
+
+        return Int8KVCache.like(self)
+
     def checkpoint(self) -> KVCache | None:
         # Full attention needs nothing: after a rollback the next call overwrites the slots
         # from the restored length on before it reads up to its own end, so stale slots are

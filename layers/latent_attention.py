@@ -30,6 +30,7 @@ from torch import nn
 
 from layers.attention import KVCache, causal_attention, masked_attention
 from layers.base import Block, TokenContext, dtype_bytes
+from layers.kv_int8 import Int8KVCache, dequantize_per_token, quantize_per_token
 from layers.norm import RMSNorm
 from layers.options import require, require_choice, require_finite_number, require_positive_int
 from layers.registry import register_block
@@ -168,17 +169,13 @@ class LatentAttentionOptions:
         return scale
 
 
-@dataclass
-class LatentKVCache(KVCache):
-    """:class:`~layers.attention.KVCache` of one latent head, the latent stored once.
+class _LatentViews:
+    """What both latent caches share: ``values`` is a view of the keys' first channels (the
+    latent ``c`` of ``[c ; k_rot]``) that follows every replacement of ``keys``, and only the
+    keys count among :meth:`tensors` (bytes, saving and loading see the latent once)."""
 
-    ``keys`` (batch, 1, capacity, kv_lora_rank + qk_rope_head_dim) hold ``[c ; k_rot]``
-    (``k_rot`` rotated); ``values`` is a view of their first kv_lora_rank channels, ``c``.
-    Reads and attention are KVCache's (scaled dot-product attention takes values narrower
-    than the keys). The view follows every replacement of ``keys`` (batch selection, copies,
-    rollbacks, device and dtype moves), and only ``keys`` counts among :meth:`tensors`: bytes,
-    saving and loading see the latent once.
-    """
+    derived = ("values",)
+    """Fields that are views of others: neither tensors of their own nor plain settings."""
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "values":  # the latent part of the keys, as wide as the tensor given
@@ -189,20 +186,15 @@ class LatentKVCache(KVCache):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().tensors()
-        del tensors["values"]  # a view of the keys
+        for name in self.derived:
+            del tensors[name]
         return tensors
 
     def plain_fields(self) -> dict[str, object]:
         fields = super().plain_fields()
-        del fields["values"]  # a tensor, derived from the keys
+        for name in self.derived:
+            del fields[name]
         return fields
-
-    def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write ``k`` = ``[c ; k_rot]``; ``v`` (``c``, the same numbers) lands with it."""
-        self.keys[:, :, slots] = k.to(self.keys.dtype)
-
-    def store_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
 
     def random_keys_values(
         self, n: int, generator: torch.Generator
@@ -211,6 +203,67 @@ class LatentKVCache(KVCache):
         shape = (*self.keys.shape[:2], n, self.keys.shape[3])
         keys = torch.randn(shape, generator=generator).to(self.keys.device)
         return keys, keys[..., : self.values.shape[3]]
+
+
+@dataclass
+class LatentKVCache(_LatentViews, KVCache):
+    """:class:`~layers.attention.KVCache` of one latent head, the latent stored once.
+
+    ``keys`` (batch, 1, capacity, kv_lora_rank + qk_rope_head_dim) hold ``[c ; k_rot]``
+    (``k_rot`` rotated); ``values`` is a view of their first kv_lora_rank channels, ``c``.
+    Reads and attention are KVCache's (scaled dot-product attention takes values narrower
+    than the keys). The view follows every replacement of ``keys`` (batch selection, copies,
+    rollbacks, device and dtype moves), and only ``keys`` counts among :meth:`tensors`: bytes,
+    saving and loading see the latent once.
+    """
+
+    def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k`` = ``[c ; k_rot]``; ``v`` (``c``, the same numbers) lands with it."""
+        self.keys[:, :, slots] = k.to(self.keys.dtype)
+
+    def store_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
+
+    def int8_like(self) -> Int8LatentKVCache:
+        return Int8LatentKVCache.like(self)
+
+
+@dataclass(kw_only=True)
+class Int8LatentKVCache(_LatentViews, Int8KVCache):
+    """:class:`LatentKVCache` in int8: the codes and per-token scales of ``[c ; k_rot]``.
+
+    ``values`` is a view of the key codes' latent part and ``value_scale`` is ``key_scale``
+    itself, so the value a token attends with is exactly the latent part of its dequantized
+    key, as in the float cache, and the latent's codes are stored once. Shapes: keys
+    (batch, 1, capacity, kv_lora_rank + qk_rope_head_dim) int8; key_scale (batch, 1,
+    capacity, 1) float16.
+    """
+
+    derived = ("values", "value_scale")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "value_scale":
+            value = self.key_scale
+        super().__setattr__(name, value)
+        if name == "key_scale" and "value_scale" in self.__dict__:
+            super().__setattr__("value_scale", value)
+
+    def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize ``k`` = ``[c ; k_rot]`` per token; ``v`` (``c``) lands with it."""
+        codes, scale = quantize_per_token(k)
+        self.keys[:, :, slots] = codes
+        self.key_scale[:, :, slots] = scale
+
+    def store_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        codes, scale = quantize_per_token(k)
+        self.keys.index_copy_(2, slot, codes)
+        self.key_scale.index_copy_(2, slot, scale)
+
+    def round_trip(
+        self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = dequantize_per_token(*quantize_per_token(k), dtype)
+        return keys, keys[..., : v.shape[-1]]
 
 
 @register_block("latent_attention", symbol="L", options=LatentAttentionOptions)

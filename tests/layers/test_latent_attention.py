@@ -447,3 +447,53 @@ def test_int8_and_bfloat16_latent_caches():
             steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, 9)]
             error = (torch.cat(steps, 1) - full).norm() / full.norm()
             assert error < 0.05, (kv_dtype, error)
+
+
+def test_the_int8_latent_is_stored_once(tmp_path):
+    """kv_dtype int8: the codes and per-token scales of ``[c ; k_rot]`` are stored once; the
+    values are the key codes' latent part and the value scales the key scales, through copies,
+    selection, rollback and saving; every key is within half a step of the float cache's, and
+    the values are exactly the latent part of the dequantized keys."""
+    from hybrid.inference.cache_io import load_cache, save_cache
+    from layers.kv_int8 import dequantize_per_token
+    from layers.latent_attention import Int8LatentKVCache
+
+    torch.manual_seed(0)
+    model = HybridLM(make_config()).eval()
+    rank, rope = SMALL["kv_lora_rank"], SMALL["qk_rope_head_dim"]
+    ids = torch.randint(0, 101, (3, 9))
+
+    def shares(entry: Int8LatentKVCache) -> bool:
+        return (
+            entry.values.data_ptr() == entry.keys.data_ptr()
+            and entry.values.shape[-1] == rank
+            and entry.value_scale is entry.key_scale
+        )
+
+    with torch.no_grad():
+        exact = model.allocate_cache(3, 12, dtype=torch.float64)
+        model.double()(ids, cache=exact)
+        model.float()
+        int8 = model.allocate_cache(3, 12, kv_dtype="int8")
+        model(ids, cache=int8)
+    entry, reference = int8.entries[0], exact.entries[0]
+    assert isinstance(entry, Int8LatentKVCache) and shares(entry)
+    assert entry.keys.dtype == torch.int8 and entry.keys.shape[-1] == rank + rope
+    assert set(entry.tensors()) == {"keys", "key_index", "valid", "key_scale"}
+    assert entry.nbytes == 3 * 12 * ((rank + rope) * 1 + 2 + 8 + 1)  # codes, scale, index, flag
+    keys = dequantize_per_token(entry.keys, entry.key_scale, torch.float64)
+    bound = entry.key_scale.double() / 2 * 1.002 + 1e-6
+    filled = entry.valid[:, None, :, None]
+    assert ((keys - reference.keys).abs() <= bound).logical_or(~filled).all()
+    _, values = entry.read(None, torch.float64)
+    assert torch.equal(values, keys[..., :rank])
+    saved = entry.copy()
+    assert shares(saved) and saved.keys.data_ptr() != entry.keys.data_ptr()
+    entry.select(torch.tensor([2, 0]))
+    assert shares(entry) and entry.key_scale.shape[0] == 2
+    entry.rollback(saved)
+    assert shares(entry) and torch.equal(entry.key_scale, saved.key_scale)
+    save_cache(int8, tmp_path / "c.safetensors")
+    loaded = load_cache(model, tmp_path / "c.safetensors").entries[0]
+    assert isinstance(loaded, Int8LatentKVCache) and shares(loaded)
+    assert torch.equal(loaded.keys, entry.keys) and torch.equal(loaded.key_scale, entry.key_scale)
