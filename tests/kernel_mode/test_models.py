@@ -37,20 +37,31 @@ MODELS = {
                            "shared_gate": True},
                    "attention": {"n_heads": 4, "n_kv_heads": 2, "rope_fraction": 0.25,
                                  "qk_norm": True, "output_gate": True}},
+    # Kimi Linear: Kimi Delta Attention (a decay per key channel, low-rank decay and gate),
+    # NoPE latent attention (its cache holds the latent once), sigmoid-routed MoE with a
+    # shared expert. Small: interpreted chunk_kda runs one program per (token, value head).
+    "kimi_linear": {"pattern": "KEKL-",
+                    "kda": {"n_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "chunk_size": 64},
+                    "moe": {"n_experts": 4, "top_k": 2, "router": "sigmoid",
+                            "n_shared_experts": 1},
+                    "latent_attention": {"n_heads": 2, "kv_lora_rank": 16,
+                                         "position": "none"}},
 }  # fmt: skip
 KERNELS = {
     "bamba": {"mamba_chunk_scan_combined", "causal_conv1d_fn"},
     "jamba": {"selective_scan_fn", "causal_conv1d_fn"},
     "nemotron_h": {"mamba_chunk_scan_combined", "causal_conv1d_fn"},
     "qwen3_next": {"chunk_gated_delta_rule", "causal_conv1d_fn"},
+    "kimi_linear": {"chunk_kda", "causal_conv1d_fn"},
 }
 STEP_KERNEL = {
     "bamba": "selective_state_update",
     "jamba": "selective_state_update",
     "nemotron_h": "selective_state_update",
     "qwen3_next": "fused_recurrent_gated_delta_rule",
+    "kimi_linear": "fused_recurrent_kda",
 }
-n_ssm_layers = {name: sum(s in "MSD" for s in m["pattern"]) for name, m in MODELS.items()}
+n_ssm_layers = {name: sum(s in "MSDK" for s in m["pattern"]) for name, m in MODELS.items()}
 
 
 def build(name: str) -> HybridLM:
