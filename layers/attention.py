@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -290,6 +291,9 @@ class KVCache(CacheEntry):
     key_index: torch.Tensor
     valid: torch.Tensor
     window: int | None = None
+    int8_type: ClassVar[type | None] = None
+    """The int8 cache class of this kind for ``kv_dtype="int8"`` (its ``like`` makes one);
+    None: :class:`~layers.kv_int8.Int8KVCache`."""
 
     @classmethod
     def empty(
@@ -316,13 +320,6 @@ class KVCache(CacheEntry):
             valid=torch.zeros(batch_size, capacity, dtype=torch.bool, device=device),
             window=ring,
         )  # fmt: skip
-
-    def int8_like(self) -> KVCache:
-        """An empty int8 cache of this one's shapes, window and device
-        (:class:`~layers.kv_int8.Int8KVCache`), for ``kv_dtype="int8"``."""
-        from layers.kv_int8 import Int8KVCache
-
-        return Int8KVCache.like(self)
 
     def checkpoint(self) -> KVCache | None:
         # Full attention needs nothing: after a rollback the next call overwrites the slots

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from einops import einsum, rearrange
@@ -205,29 +206,6 @@ class _LatentViews:
         return keys, keys[..., : self.values.shape[3]]
 
 
-@dataclass
-class LatentKVCache(_LatentViews, KVCache):
-    """:class:`~layers.attention.KVCache` of one latent head, the latent stored once.
-
-    ``keys`` (batch, 1, capacity, kv_lora_rank + qk_rope_head_dim) hold ``[c ; k_rot]``
-    (``k_rot`` rotated); ``values`` is a view of their first kv_lora_rank channels, ``c``.
-    Reads and attention are KVCache's (scaled dot-product attention takes values narrower
-    than the keys). The view follows every replacement of ``keys`` (batch selection, copies,
-    rollbacks, device and dtype moves), and only ``keys`` counts among :meth:`tensors`: bytes,
-    saving and loading see the latent once.
-    """
-
-    def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write ``k`` = ``[c ; k_rot]``; ``v`` (``c``, the same numbers) lands with it."""
-        self.keys[:, :, slots] = k.to(self.keys.dtype)
-
-    def store_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
-
-    def int8_like(self) -> Int8LatentKVCache:
-        return Int8LatentKVCache.like(self)
-
-
 @dataclass(kw_only=True)
 class Int8LatentKVCache(_LatentViews, Int8KVCache):
     """:class:`LatentKVCache` in int8: the codes and per-token scales of ``[c ; k_rot]``.
@@ -264,6 +242,28 @@ class Int8LatentKVCache(_LatentViews, Int8KVCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys = dequantize_per_token(*quantize_per_token(k), dtype)
         return keys, keys[..., : v.shape[-1]]
+
+
+@dataclass
+class LatentKVCache(_LatentViews, KVCache):
+    """:class:`~layers.attention.KVCache` of one latent head, the latent stored once.
+
+    ``keys`` (batch, 1, capacity, kv_lora_rank + qk_rope_head_dim) hold ``[c ; k_rot]``
+    (``k_rot`` rotated); ``values`` is a view of their first kv_lora_rank channels, ``c``.
+    Reads and attention are KVCache's (scaled dot-product attention takes values narrower
+    than the keys). The view follows every replacement of ``keys`` (batch selection, copies,
+    rollbacks, device and dtype moves), and only ``keys`` counts among :meth:`tensors`: bytes,
+    saving and loading see the latent once.
+    """
+
+    int8_type: ClassVar[type] = Int8LatentKVCache
+
+    def store(self, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k`` = ``[c ; k_rot]``; ``v`` (``c``, the same numbers) lands with it."""
+        self.keys[:, :, slots] = k.to(self.keys.dtype)
+
+    def store_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys.index_copy_(2, slot, k.to(self.keys.dtype))
 
 
 @register_block("latent_attention", symbol="L", options=LatentAttentionOptions)

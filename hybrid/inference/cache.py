@@ -74,6 +74,7 @@ def with_precision(entry: CacheEntry | None, precision: CachePrecision) -> Cache
     """``entry`` (just allocated, empty) stored as ``precision`` says: attention keys and
     values in ``kv_dtype``, SSM states in ``state_dtype``; other entries unchanged."""
     from layers.attention import KVCache
+    from layers.kv_int8 import Int8KVCache
     from layers.parallel import ParallelCache
     from layers.ssm_cache import SSMCache
 
@@ -82,7 +83,7 @@ def with_precision(entry: CacheEntry | None, precision: CachePrecision) -> Cache
         return entry
     if isinstance(entry, KVCache) and precision.kv_dtype is not None:
         if precision.kv_dtype == "int8":
-            return entry.int8_like()
+            return (entry.int8_type or Int8KVCache).like(entry)
         entry.keys = entry.keys.to(precision.kv_dtype)
         entry.values = entry.values.to(precision.kv_dtype)
     if isinstance(entry, SSMCache) and precision.state_dtype is not None:
