@@ -243,6 +243,18 @@ def test_fill_random_sets_the_slots_a_prefill_would(window):
     assert torch.equal(filled.values, filled.keys[..., : SMALL["kv_lora_rank"]])
 
 
+def views_survive_replacements(entry, shares) -> None:
+    """A copy, a batch selection (of 3 rows) and a rollback keep ``shares(entry)`` true."""
+    saved = entry.copy()
+    assert shares(saved) and saved.keys.data_ptr() != entry.keys.data_ptr()
+    entry.select(torch.tensor([2, 0]))
+    assert shares(entry) and entry.keys.shape[0] == 2
+    entry.rollback(saved)
+    assert shares(entry)
+    for name, tensor in saved.tensors().items():
+        assert torch.equal(entry.tensors()[name], tensor), name
+
+
 def test_the_latent_is_stored_once():
     """The values are the keys' latent part, one storage, through every way an entry's
     tensors get replaced; the entry's bytes are what inference_state_bytes counts."""
@@ -264,12 +276,7 @@ def test_the_latent_is_stored_once():
     assert set(cache.tensors()) == {"keys", "key_index", "valid"}
     per_sequence = block.inference_state_bytes(D_MODEL, block.options, 12, torch.float64)
     assert cache.nbytes == 3 * per_sequence
-    saved = cache.copy()
-    assert shares(saved) and saved.keys.data_ptr() != cache.keys.data_ptr()
-    cache.select(torch.tensor([2, 0]))
-    assert shares(cache) and cache.keys.shape[0] == 2
-    cache.rollback(saved)
-    assert shares(cache) and torch.equal(cache.keys, saved.keys)
+    views_survive_replacements(cache, shares)
     low = with_precision(cache, CachePrecision(kv_dtype=torch.float32))
     assert shares(low) and low.values.dtype == torch.float32
 
@@ -487,12 +494,7 @@ def test_the_int8_latent_is_stored_once(tmp_path):
     assert ((keys - reference.keys).abs() <= bound).logical_or(~filled).all()
     _, values = entry.read(None, torch.float64)
     assert torch.equal(values, keys[..., :rank])
-    saved = entry.copy()
-    assert shares(saved) and saved.keys.data_ptr() != entry.keys.data_ptr()
-    entry.select(torch.tensor([2, 0]))
-    assert shares(entry) and entry.key_scale.shape[0] == 2
-    entry.rollback(saved)
-    assert shares(entry) and torch.equal(entry.key_scale, saved.key_scale)
+    views_survive_replacements(entry, shares)
     save_cache(int8, tmp_path / "c.safetensors")
     loaded = load_cache(model, tmp_path / "c.safetensors").entries[0]
     assert isinstance(loaded, Int8LatentKVCache) and shares(loaded)
