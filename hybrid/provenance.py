@@ -3,6 +3,7 @@ CPU that ran them."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -54,8 +55,6 @@ def allocator_settings() -> dict[str, str]:
     CPU timings spread by up to ±40% between processes; ``MALLOC_MMAP_THRESHOLD_`` and
     ``MALLOC_TRIM_THRESHOLD_`` set high keep them in the heap. Timings taken with and without
     these settings do not compare, so benchmarks record them."""
-    import os
-
     return {
         key: value
         for key, value in sorted(os.environ.items())
